@@ -1,0 +1,38 @@
+"""The `delvm` command line. Each pipeline stage registers its own verbs here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from delvm.errors import DelvmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Imported here so `delvm --help` only pays for what it lists.
+    from delvm import export
+
+    parser = argparse.ArgumentParser(
+        prog="delvm", description="Data-efficient autoregressive Large Vision Models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except DelvmError as err:
+        print(f"delvm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("delvm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
