@@ -1,0 +1,334 @@
+"""The visual-sentence model: a causal transformer over VQ codes, readable in one sitting.
+
+Two block types share one skeleton:
+
+- ``llama``: pre-norm RMSNorm, rotary attention, SwiGLU MLP, no biases (LVM, DeLVM 300M / 1B);
+- ``vit``: pre-norm LayerNorm, rotary attention, 2-matrix GELU MLP, with biases (DeLVM's 80M and
+  its "ViT-style" causal block).
+
+Token ids are raw VQ codes ``0..V-1``. They are embedded either DeLVM's way (``codebook``: the
+tokenizer's frozen V x D codebook, then a learnable ``Linear(D, hidden, bias=False)``) or LVM's way
+(``learned``: a plain V x hidden table). The output head is a separate, untied ``Linear(hidden, V)``.
+
+Initialisation (``VisualLM._init_weights``): every Linear and the learned embedding draw from
+N(0, init_std); the two projections that write into the residual stream (attention output and
+MLP down / fc2) use N(0, init_std / sqrt(2 * num_layers)) so the residual variance does not grow
+with depth (GPT-2); biases start at 0 and norm gains at 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from delvm.errors import DelvmError
+
+BLOCK_TYPES = ("llama", "vit")
+EMBEDDING_TYPES = ("codebook", "learned")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192  # V: the tokenizer's codebook size; ids are 0..V-1
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_heads: int = 12
+    num_layers: int = 12
+    max_seq_len: int = 2048  # 4 pairs of 256-token images
+    block: str = "llama"  # "llama" | "vit"
+    embedding: str = "codebook"  # "codebook" (DeLVM) | "learned" (LVM)
+    codebook_dim: int = 64  # D of the tokenizer's codebook (codebook embedding only)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6  # RMSNorm eps (llama) or LayerNorm eps (vit)
+    attention_bias: bool = False  # biases on q/k/v/o for the llama block (vit always has them)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCK_TYPES:
+            raise DelvmError(f"model block {self.block!r} is not one of {BLOCK_TYPES}")
+        if self.embedding not in EMBEDDING_TYPES:
+            raise DelvmError(f"model embedding {self.embedding!r} is not one of {EMBEDDING_TYPES}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise DelvmError(
+                f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of even size"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DelvmError(
+                f"unknown model config fields {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**values)
+
+
+# The paper's sizes (DESIGN.md, Table 7) and tiny ones for tests. The 80m model uses the ViT-style
+# block; a SwiGLU MLP at that shape would have 113M parameters in the blocks.
+PRESETS: dict[str, ModelConfig] = {
+    "1b": ModelConfig(hidden_size=2048, intermediate_size=5504, num_heads=16, num_layers=22),
+    "300m": ModelConfig(hidden_size=1024, intermediate_size=2688, num_heads=8, num_layers=22),
+    "80m": ModelConfig(
+        hidden_size=768, intermediate_size=3072, num_heads=12, num_layers=12, block="vit"
+    ),
+    "tiny": ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=176, num_heads=4, num_layers=2,
+        max_seq_len=256, codebook_dim=16,
+    ),
+    "tiny-vit": ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=256, num_heads=4, num_layers=2,
+        max_seq_len=256, codebook_dim=16, block="vit",
+    ),
+}  # fmt: skip
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A copy of a named preset with fields overridden, e.g. ``preset("tiny", vocab_size=1024)``."""
+    if name not in PRESETS:
+        raise DelvmError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 (as LLaMA does) so bf16 activations keep their precision here.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin [length, head_dim] for the half-split rotary layout (as Hugging Face Llama)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, T, H, Dh] by position; cos/sin are [T, Dh]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [layers, B, heads, max_len, head_dim] each."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype, device):
+        shape = (config.num_layers, batch, config.num_heads, max_len, config.head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, H, T, Dh] at positions start.. and return all keys/values so far."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise DelvmError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, bias: bool):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        # q, k and v in one matmul: one kernel instead of three, which matters when decoding.
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=bias)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int
+    ) -> Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, Dh]
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)
+            if length == 1:
+                causal = False  # one new query may see every cached position
+            elif start > 0:
+                # A chunk after a cached prefix: query i sits at position start + i.
+                rows = torch.arange(length, device=x.device)[:, None] + start
+                mask, causal = rows >= torch.arange(start + length, device=x.device), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.out(y.transpose(1, 2).reshape(batch, length, hidden))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        if config.block == "llama":
+            self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+            self.attn = Attention(config, layer, bias=config.attention_bias)
+            self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+            self.mlp = SwiGLU(config)
+        else:
+            self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+            self.attn = Attention(config, layer, bias=True)
+            self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+            self.mlp = GeluMLP(config)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, start: int = 0
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class CodebookEmbedding(nn.Module):
+    """DeLVM's embedding: frozen tokenizer codebook [V, D] -> Linear(D, hidden, bias=False)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        # Persistent buffer: the checkpoint carries the codebook it was trained with. Random until
+        # `VisualLM.set_codebook` copies the tokenizer's in.
+        self.register_buffer("codebook", torch.randn(config.vocab_size, config.codebook_dim))
+        self.proj = nn.Linear(config.codebook_dim, config.hidden_size, bias=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.proj(F.embedding(ids, self.codebook))
+
+    def table(self) -> Tensor:
+        """The equivalent plain embedding table [V, hidden] (what export writes)."""
+        return self.proj(self.codebook)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class VisualLM(nn.Module):
+    def __init__(self, config: ModelConfig, codebook: Tensor | None = None):
+        super().__init__()
+        self.config = config
+        if config.embedding == "codebook":
+            self.embed: nn.Module = CodebookEmbedding(config)
+        else:
+            self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        if config.block == "llama":
+            self.norm: nn.Module = RMSNorm(config.hidden_size, config.norm_eps)
+        else:
+            self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_rotary()
+        self._init_weights()
+        if codebook is not None:
+            self.set_codebook(codebook)
+
+    def init_rotary(self) -> None:
+        """(Re)build the rotary tables: they are derived, so checkpoints do not store them."""
+        c = self.config
+        cos, sin = rotary_tables(c.head_dim, c.max_seq_len, c.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith(("attn.out", "mlp.down", "mlp.fc2"))
+                nn.init.normal_(module.weight, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+
+    def set_codebook(self, codebook: Tensor) -> None:
+        """Copy the tokenizer's codebook [V, D] into the frozen embedding buffer."""
+        if self.config.embedding != "codebook":
+            raise DelvmError("set_codebook needs a model with embedding='codebook'")
+        expected = (self.config.vocab_size, self.config.codebook_dim)
+        if tuple(codebook.shape) != expected:
+            raise DelvmError(
+                f"tokenizer codebook has shape {tuple(codebook.shape)} but the model expects "
+                f"{expected} (vocab_size x codebook_dim); use a model config matching the tokenizer"
+            )
+        with torch.no_grad():
+            self.embed.codebook.copy_(codebook)
+
+    def hidden_states(self, x: Tensor, cache: KVCache | None = None, start: int = 0) -> Tensor:
+        """Run the trunk on embeddings x [B, T, hidden] at positions start..start+T-1."""
+        end = start + x.shape[1]
+        if end > self.config.max_seq_len:
+            raise DelvmError(
+                f"sequence of {end} tokens exceeds max_seq_len {self.config.max_seq_len}"
+            )
+        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, start)
+        return self.norm(x)
+
+    def forward(
+        self, ids: Tensor, cache: KVCache | None = None, start: int = 0, last_only: bool = False
+    ) -> Tensor:
+        """Logits [B, T, V] for ids [B, T] (only the last position's, [B, 1, V], if last_only)."""
+        h = self.hidden_states(self.embed(ids), cache, start)
+        if last_only:
+            h = h[:, -1:]
+        return self.head(h)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache matching this model's dtype and device."""
+        weight = self.head.weight
+        return KVCache(
+            self.config, batch, max_len or self.config.max_seq_len, weight.dtype, weight.device
+        )
+
+
+def count_parameters(model: VisualLM) -> dict[str, int]:
+    """Trainable parameters: in the blocks, and in total (embedding + blocks + norm + head)."""
+    blocks = sum(p.numel() for p in model.blocks.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {"blocks": blocks, "total": total}

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from delvm.errors import DelvmError
+from delvm.generate import SamplingConfig, generate
+from delvm.model import VisualLM, preset
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-vit"])
+def model(request):
+    torch.manual_seed(0)
+    model = VisualLM(preset(request.param)).eval()
+    # Larger output weights so sampling distributions are not nearly uniform.
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    return model
+
+
+def test_kv_cache_logits_equal_full_forward(model):
+    ids = torch.randint(0, model.config.vocab_size, (2, 48))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 48)
+        prefill = model(ids[:, :20], cache=cache, start=0)
+        chunk = model(ids[:, 20:30], cache=cache, start=20)  # a chunk after a cached prefix
+        steps = [model(ids[:, t : t + 1], cache=cache, start=t) for t in range(30, 48)]
+    incremental = torch.cat([prefill, chunk, *steps], dim=1)
+    assert (incremental - full).abs().max() < 1e-5
+
+
+def test_greedy_matches_step_by_step_argmax(model):
+    prompt = torch.randint(0, model.config.vocab_size, (1, 10))
+    out = generate(model, prompt, 12, SamplingConfig(temperature=0))
+    seq = prompt
+    for _ in range(12):
+        nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq[:, 10:])
+
+
+def test_batch_equals_single_prompts(model):
+    prompts = torch.randint(0, model.config.vocab_size, (3, 16))
+    batched = generate(model, prompts, 8, SamplingConfig(temperature=0))
+    for row in range(3):
+        single = generate(model, prompts[row : row + 1], 8, SamplingConfig(temperature=0))
+        assert torch.equal(batched[row : row + 1], single)
+
+
+def test_sampling_is_seeded_and_in_range(model):
+    prompt = torch.randint(0, model.config.vocab_size, (4, 8))
+    a = generate(model, prompt, 30, SamplingConfig(temperature=1.0, seed=1))
+    b = generate(model, prompt, 30, SamplingConfig(temperature=1.0, seed=1))
+    c = generate(model, prompt, 30, SamplingConfig(temperature=1.0, seed=2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.shape == (4, 30)
+    assert a.min() >= 0 and a.max() < model.config.vocab_size
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    prompt = torch.randint(0, model.config.vocab_size, (2, 8))
+    greedy = generate(model, prompt, 10, SamplingConfig(temperature=0))
+    assert torch.equal(generate(model, prompt, 10, SamplingConfig(top_k=1, seed=5)), greedy)
+    assert torch.equal(generate(model, prompt, 10, SamplingConfig(top_p=1e-6, seed=5)), greedy)
+
+
+def test_top_k_restricts_the_choices(model):
+    prompt = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        allowed = set(model(prompt)[0, -1].topk(3).indices.tolist())
+    firsts = {
+        generate(model, prompt, 1, SamplingConfig(top_k=3, temperature=5.0, seed=s)).item()
+        for s in range(40)
+    }
+    assert firsts <= allowed
+    assert len(firsts) > 1
+
+
+def test_top_p_keeps_the_nucleus():
+    from delvm.generate import _filter_logits
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = _filter_logits(probs.log(), None, 0.75).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = _filter_logits(probs.log(), None, 0.8).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = _filter_logits(probs.log(), None, 0.81).isfinite()
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_bad_generation_arguments(model):
+    with pytest.raises(DelvmError, match="max_seq_len"):
+        generate(model, torch.zeros(1, 250, dtype=torch.long), 10)
+    with pytest.raises(DelvmError, match="prompt ids"):
+        generate(model, torch.full((1, 4), model.config.vocab_size), 2)
+    with pytest.raises(DelvmError, match="top_p"):
+        SamplingConfig(top_p=1.5)
