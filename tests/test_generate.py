@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from delvm.errors import DelvmError
-from delvm.generate import SamplingConfig, generate
+from delvm.generate import Generator, SamplingConfig, generate
 from delvm.model import VisualLM, preset
 
 
@@ -86,6 +86,17 @@ def test_top_p_keeps_the_nucleus():
     assert kept.tolist() == [[True, True, False, False]]
     kept = _filter_logits(probs.log(), None, 0.81).isfinite()
     assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_bf16_decoding_keeps_fp32_prefill_and_mostly_agrees(model):
+    prompt = torch.randint(0, model.config.vocab_size, (2, 16))
+    generator = Generator(model, decode_dtype=torch.bfloat16)
+    assert generator.decoder.head.weight.dtype == torch.bfloat16
+    assert model.head.weight.dtype == torch.float32  # the caller's model is untouched
+    fast = generator(prompt, 20, SamplingConfig(temperature=0))
+    exact = generate(model, prompt, 20, SamplingConfig(temperature=0))
+    assert fast[:, 0].equal(exact[:, 0])  # the first token comes from the fp32 prefill
+    assert (fast == exact).float().mean() > 0.5  # chance agreement would be ~1/512
 
 
 def test_bad_generation_arguments(model):

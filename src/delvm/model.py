@@ -135,7 +135,11 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [layers, B, heads, max_len, head_dim] each."""
+    """Preallocated keys and values for every layer: [layers, B, heads, max_len, head_dim] each.
+
+    Its dtype may differ from the weights': on CPU, attention over a long cache is fastest in
+    fp32 even when the weights are bf16 (this is what `delvm.generate` uses for decoding).
+    """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype, device):
         shape = (config.num_layers, batch, config.num_heads, max_len, config.head_dim)
@@ -172,6 +176,7 @@ class Attention(nn.Module):
         mask, causal = None, True
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
+            q = q.to(k.dtype)
             if length == 1:
                 causal = False  # one new query may see every cached position
             elif start > 0:
@@ -179,7 +184,7 @@ class Attention(nn.Module):
                 rows = torch.arange(length, device=x.device)[:, None] + start
                 mask, causal = rows >= torch.arange(start + length, device=x.device), False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        return self.out(y.transpose(1, 2).reshape(batch, length, hidden))
+        return self.out(y.to(x.dtype).transpose(1, 2).reshape(batch, length, hidden))
 
 
 class SwiGLU(nn.Module):
@@ -319,11 +324,17 @@ class VisualLM(nn.Module):
             h = h[:, -1:]
         return self.head(h)
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache matching this model's dtype and device."""
+    def new_cache(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty KV cache on this model's device (dtype: the weights' unless given)."""
         weight = self.head.weight
         return KVCache(
-            self.config, batch, max_len or self.config.max_seq_len, weight.dtype, weight.device
+            self.config,
+            batch,
+            max_len or self.config.max_seq_len,
+            dtype or weight.dtype,
+            weight.device,
         )
 
 

@@ -1,0 +1,198 @@
+"""delvm's model against transformers' LlamaForCausalLM: same config, same weights, one run.
+
+Measures, side by side:
+- a training step (forward, backward, AdamW) in tokens/s and MFU against the matmul peak measured
+  in this run;
+- generation of 256 new tokens after a 1792-token prompt (batch 1 and 8), decode tokens/s against
+  the memory-bandwidth bound (weight bytes / read bandwidth measured in this run).
+
+    python benchmarks/model_throughput.py                  # CPU, fp32 (a few minutes on 2 cores)
+    python benchmarks/model_throughput.py --device cuda    # GPU, bf16 weights, flash SDPA
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from delvm.checkpoint import save_model
+from delvm.export import export_hf
+from delvm.generate import Generator, SamplingConfig
+from delvm.model import VisualLM, preset
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Best wall time of `repeats` calls (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul: the practical peak MFU is measured against."""
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = (
+        torch.randn(n, n, device=device, dtype=dtype),
+        torch.randn(n, n, device=device, dtype=dtype),
+    )
+    seconds = timed(lambda: a @ b, device, repeats=5)
+    return 2 * n**3 / seconds
+
+
+def read_bandwidth(device: torch.device) -> float:
+    """Bytes/s of streaming a buffer much larger than the caches (a sum reads every byte once)."""
+    x = torch.ones(256 * 2**20, device=device)  # 1 GiB of fp32
+    seconds = timed(lambda: x.sum(), device, repeats=5)
+    return x.numel() * x.element_size() / seconds
+
+
+def training_flops_per_token(model: VisualLM, seq_len: int) -> float:
+    """6 x matmul parameters (forward + backward) plus causal attention scores and values."""
+    c = model.config
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2)
+    matmul_params -= c.vocab_size * c.hidden_size if c.embedding == "learned" else 0  # a gather
+    attention = 6 * c.num_layers * seq_len * c.hidden_size  # 12·L·T·d halved by causality
+    return 6 * matmul_params + attention
+
+
+def train_step_seconds(model, logits_of, device, seq_len: int, repeats: int) -> float:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.randint(0, 8192, (1, seq_len + 1), device=device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            logits = logits_of(ids[:, :-1])
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), ids[:, 1:].flatten()
+            )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    return timed(step, device, repeats)
+
+
+def once(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--train-repeats", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=1792)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-generate", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+
+    # The issue's shape: SwiGLU 768/3072/12/12, learned embedding so both models are identical.
+    config = preset("80m", block="llama", embedding="learned", max_seq_len=args.prompt + args.new)
+    ours = VisualLM(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(ours, Path(tmp) / "ckpt")
+        export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf")
+        theirs = LlamaForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32)
+    theirs.config._attn_implementation = "sdpa"
+    ours.to(device)
+    theirs.to(device)
+
+    peak = matmul_peak(device, dtype)
+    bandwidth = read_bandwidth(device)
+    rows = []
+    print(f"device {device}, compute dtype {dtype}, {torch.get_num_threads()} threads")
+    print(
+        f"measured matmul peak {peak / 1e9:.1f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
+
+    if not args.skip_train:
+        seq = 2048
+        flops = training_flops_per_token(ours, seq)
+        t_ours = train_step_seconds(ours, lambda x: ours(x), device, seq, args.train_repeats)
+        t_hf = train_step_seconds(
+            theirs, lambda x: theirs(x).logits, device, seq, args.train_repeats
+        )
+        for name, t in (("delvm", t_ours), ("transformers", t_hf)):
+            rows.append(
+                (f"train step, seq {seq}, batch 1", name, f"{seq / t:,.0f} tok/s",
+                 f"MFU {flops * seq / t / peak:.1%}", f"{t_hf / t:.2f}x")
+            )  # fmt: skip
+
+    if not args.skip_generate:
+        gen_dtype = dtype
+        ours.to(gen_dtype).eval()
+        theirs.to(gen_dtype).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        bound = bandwidth / weight_bytes  # tokens/s at batch 1 if only weights were read
+        greedy = SamplingConfig(temperature=0)
+        dtype_name = str(gen_dtype).removeprefix("torch.")
+        exact = Generator(ours)
+        # Decode with bf16 weight copies (prefill stays in the model's dtype); on GPU the model
+        # already runs in bf16, so both rows coincide there.
+        fast = Generator(ours, decode_dtype=torch.bfloat16)
+        for batch in args.batches:
+            prompt = torch.randint(0, 8192, (batch, args.prompt), device=device)
+            mask = torch.ones_like(prompt)
+
+            def hf_run(n, prompt=prompt, mask=mask):
+                with torch.inference_mode():
+                    theirs.generate(prompt, attention_mask=mask, max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False)  # fmt: skip
+
+            results = {}
+            for name, run in (
+                (f"delvm {dtype_name}", lambda n, p=prompt: exact(p, n, greedy)),
+                ("delvm bf16 decode", lambda n, p=prompt: fast(p, n, greedy)),
+                ("transformers", hf_run),
+            ):
+                prefill = timed(lambda run=run: run(1), device, repeats=1)  # warms up too
+                total = once(lambda run=run: run(args.new), device)
+                results[name] = (
+                    batch * (args.new - 1) / (total - prefill),
+                    batch * args.new / total,
+                )
+            for name, (decode, end_to_end) in results.items():
+                rows.append(
+                    (f"generate {args.new} after {args.prompt}, batch {batch}", name,
+                     f"{decode:,.1f} tok/s decode", f"{end_to_end:,.1f} tok/s end-to-end",
+                     f"{decode / results['transformers'][0]:.2f}x")
+                )  # fmt: skip
+        rows.append(
+            (f"decode bound at batch 1: weights {weight_bytes / 2**20:.0f} MiB / bandwidth", "",
+             f"{bound:,.1f} tok/s", "", "")
+        )  # fmt: skip
+
+    header = ("benchmark", "model", "speed", "detail", "vs transformers")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print(" | ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
