@@ -118,6 +118,7 @@ def test_cli_export_and_errors(tmp_path, capsys):
     assert main(["export-hf", str(tmp_path / "nope"), str(tmp_path / "hf2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("delvm: error:") and "nope" in err and "\n" not in err
-    # A Hugging Face folder passed where a delvm checkpoint is expected says what to do.
-    assert main(["export-hf", str(tmp_path / "hf"), str(tmp_path / "hf3")]) == 2
-    assert "import-hf" in capsys.readouterr().err
+    # Any command taking a checkpoint also takes a Hugging Face folder directly.
+    assert main(["export-hf", str(tmp_path / "hf"), str(tmp_path / "hf3")]) == 0
+    assert main(["import-hf", str(tmp_path / "ckpt"), str(tmp_path / "x")]) == 2
+    assert "model_type" in capsys.readouterr().err

@@ -84,16 +84,16 @@ class Generator:
         """Continue each prompt row [B, T] by exactly ``max_new_tokens`` codes; returns [B, N].
 
         All prompts in a batch have the same length (visual prompts are whole images). Sampled
-        ids lie in ``0..V-1``: the head has exactly V outputs.
+        ids lie in ``0..codes-1``: logits of ids past the codebook (LVM's spare 100) are dropped.
         """
         model, sampling = self.model, sampling or SamplingConfig()
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise DelvmError(
                 f"prompt must be [batch, length>0] token ids, got {tuple(prompt.shape)}"
             )
-        vocab = model.config.vocab_size
-        if prompt.min() < 0 or prompt.max() >= vocab:
-            raise DelvmError(f"prompt ids must lie in 0..{vocab - 1}")
+        codes = model.config.codes
+        if prompt.min() < 0 or prompt.max() >= codes:
+            raise DelvmError(f"prompt ids must lie in 0..{codes - 1} (the VQ codes)")
         if max_new_tokens < 1:
             raise DelvmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         batch, length = prompt.shape
@@ -112,7 +112,7 @@ class Generator:
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         logits = model(prompt.to(device), cache=cache, start=0, last_only=True)
         for step in range(max_new_tokens):
-            token = next_token(logits[:, -1], sampling, generator)
+            token = next_token(logits[:, -1, :codes], sampling, generator)
             out[:, step] = token
             if step + 1 < max_new_tokens:
                 logits = self.decoder(token[:, None], cache=cache, start=length + step)

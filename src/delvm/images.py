@@ -72,7 +72,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     except DelvmError:
         raise
     except UnidentifiedImageError:
-        raise DelvmError(f"{path}: not an image Pillow can read (remove it or convert it)") from None
+        raise DelvmError(
+            f"{path}: not an image Pillow can read (remove it or convert it)"
+        ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
         raise DelvmError(f"{path}: unreadable or truncated image ({err}); re-export it") from None
 

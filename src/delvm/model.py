@@ -33,7 +33,10 @@ EMBEDDING_TYPES = ("codebook", "learned")
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8192  # V: the tokenizer's codebook size; ids are 0..V-1
+    vocab_size: int = 8192  # rows of the embedding and the head
+    # Ids that are VQ codes (0..num_codes-1); None means all of vocab_size. LVM's release has
+    # 8292 rows for 8192 codes: the extra 100 ids are never generated.
+    num_codes: int | None = None
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_heads: int = 12
@@ -52,6 +55,8 @@ class ModelConfig:
             raise DelvmError(f"model block {self.block!r} is not one of {BLOCK_TYPES}")
         if self.embedding not in EMBEDDING_TYPES:
             raise DelvmError(f"model embedding {self.embedding!r} is not one of {EMBEDDING_TYPES}")
+        if self.num_codes is not None and not 0 < self.num_codes <= self.vocab_size:
+            raise DelvmError(f"num_codes {self.num_codes} must lie in 1..vocab_size")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
             raise DelvmError(
                 f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of even size"
@@ -60,6 +65,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def codes(self) -> int:
+        """How many ids are VQ codes: prompts and generated ids lie in 0..codes-1."""
+        return self.num_codes or self.vocab_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +92,21 @@ PRESETS: dict[str, ModelConfig] = {
     "300m": ModelConfig(hidden_size=1024, intermediate_size=2688, num_heads=8, num_layers=22),
     "80m": ModelConfig(
         hidden_size=768, intermediate_size=3072, num_heads=12, num_layers=12, block="vit"
+    ),
+    # The published checkpoints' shapes (delvm.hf reads their folders): DeLVM's InternLM-format
+    # releases (q/k/v/o biases, SwiGLU width 8/3 * hidden rounded up to 256, learned embedding)
+    # and LVM's 7B (LLaMA-7B shape, 8292 ids of which 8192 are VQ codes, 4096 context).
+    "delvm-300m-hf": ModelConfig(
+        hidden_size=1024, intermediate_size=2816, num_heads=8, num_layers=22,
+        attention_bias=True, embedding="learned",
+    ),
+    "delvm-1b-hf": ModelConfig(
+        hidden_size=2048, intermediate_size=5632, num_heads=16, num_layers=22,
+        attention_bias=True, embedding="learned",
+    ),
+    "lvm-7b": ModelConfig(
+        vocab_size=8292, num_codes=8192, hidden_size=4096, intermediate_size=11008,
+        num_heads=32, num_layers=32, max_seq_len=4096, embedding="learned",
     ),
     "tiny": ModelConfig(
         vocab_size=512, hidden_size=64, intermediate_size=176, num_heads=4, num_layers=2,
@@ -302,6 +327,25 @@ class VisualLM(nn.Module):
             )
         with torch.no_grad():
             self.embed.codebook.copy_(codebook)
+
+    def load_weights(self, state: dict[str, Tensor], source: object) -> None:
+        """Load a full state dict strictly (also into a meta-device model); errors name `source`."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise DelvmError(
+                f"{source}: weights do not match the config (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}); the config must be the one they were saved with"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise DelvmError(
+                    f"{source}: {key} has shape {tuple(tensor.shape)}, config expects "
+                    f"{tuple(expected[key].shape)}"
+                )
+        self.load_state_dict(state, strict=True, assign=True)
+        self.init_rotary()  # derived tables: rebuilt for real even if built on the meta device
 
     def hidden_states(self, x: Tensor, cache: KVCache | None = None, start: int = 0) -> Tensor:
         """Run the trunk on embeddings x [B, T, hidden] at positions start..start+T-1."""
