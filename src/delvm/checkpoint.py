@@ -30,14 +30,27 @@ FORMAT = "delvm"
 def save_model(
     model: VisualLM, folder: str | Path, tokenizer_fingerprint: str | None = None
 ) -> Path:
-    """Write ``model`` as a delvm checkpoint folder (weights first, config last)."""
+    """Write ``model`` as a delvm checkpoint folder."""
+    return save_weights(model.config, model.state_dict(), folder, tokenizer_fingerprint)
+
+
+def save_weights(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    folder: str | Path,
+    tokenizer_fingerprint: str | None = None,
+) -> Path:
+    """Write a state dict of a model with ``config`` as a checkpoint (weights first, config last).
+
+    Used directly by training, whose weights may be gathered from shards of a wrapped model.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
     meta = {
         "format": FORMAT,
-        "model": model.config.to_dict(),
+        "model": config.to_dict(),
         "tokenizer": {"fingerprint": tokenizer_fingerprint},
     }
     write_json(folder / CONFIG_NAME, meta)

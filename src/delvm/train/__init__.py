@@ -1,0 +1,1 @@
+"""Training: one trainer for pretraining, distillation, continual stages and fine-tuning."""

@@ -1,0 +1,107 @@
+"""Training checkpoints: model weights (safetensors) + training state, written atomically.
+
+Layout: ``OUT/checkpoints/step-000100/`` holding a normal delvm model checkpoint (config.json,
+model.safetensors) and ``training_state.pt`` (optimizer, step, RNG, data position, the run's
+config). A checkpoint is written into ``step-000100.tmp`` and renamed when complete, so a run
+killed while writing leaves the previous checkpoint as the latest. Training state is loaded
+with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from delvm.checkpoint import save_weights
+from delvm.errors import DelvmError
+from delvm.model import ModelConfig
+
+STATE_NAME = "training_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(
+    out: Path,
+    step: int,
+    model: nn.Module,
+    config: ModelConfig,
+    optimizer: torch.optim.Optimizer,
+    extra: dict,
+    is_main: bool,
+    keep: int,
+    tokenizer_fingerprint: str | None,
+) -> Path | None:
+    """Gather full state on every rank (collective), write on rank 0, prune to ``keep``."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not is_main:
+        return None
+    root = Path(out) / "checkpoints"
+    final = root / f"step-{step:06d}"
+    tmp = root / f"step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(config, model_state, tmp, tokenizer_fingerprint)
+    state = {"step": step, "optimizer": optim_state, "rng": rng_state(), **extra}
+    torch.save(state, tmp / STATE_NAME)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_training_state(folder: Path) -> dict:
+    """The training state of a checkpoint (step, optimizer, RNG, data position, config)."""
+    try:
+        return torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable state is the same user problem
+        raise DelvmError(f"{folder / STATE_NAME}: unreadable training state ({err})") from None
+
+
+def restore_training_state(
+    folder: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Load weights, optimizer and RNG into a (possibly wrapped) model, as of ``state``."""
+    weights = load_file(str(folder / "model.safetensors"))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    set_rng_state(state["rng"])

@@ -1,0 +1,373 @@
+"""The training loop: pretraining, distillation, continual stages and fine-tuning in one place.
+
+Read it top to bottom: build the world, the data, the model (and a teacher), resume if a
+checkpoint exists, then for each optimizer step: set the lr, accumulate gradients over
+micro-batches, clip, step, log, evaluate and checkpoint. SIGTERM / SIGINT write a checkpoint at
+the next step boundary and stop; a non-finite loss stops the run with the last good checkpoint
+kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from delvm.checkpoint import load_model
+from delvm.errors import DelvmError
+from delvm.metrics import TaskMetrics
+from delvm.model import ModelConfig, VisualLM, preset
+from delvm.train.config import TrainConfig
+from delvm.train.distill import kd_loss, load_teacher
+from delvm.train.distributed import World, all_reduce_mean, barrier, init_world, wrap_model
+from delvm.train.optim import build_optimizer, stage_lr
+from delvm.train.state import (
+    checkpoint_dirs,
+    read_training_state,
+    restore_training_state,
+    save_training_checkpoint,
+)
+
+
+class SentenceSource(Protocol):
+    """What the trainer needs from the data: deterministic batches addressed by position.
+
+    A batch is a function of (step, micro-batch, rows) alone, so resuming at a step replays
+    exactly what an uninterrupted run would see, and ranks take disjoint rows of one global
+    batch (a 2-rank run sees the same data as a 1-rank run with the same global batch).
+    """
+
+    tasks: list[str]
+    image_tokens: int  # tokens per image (the target scope of the metrics)
+    vocab_size: int
+    tokenizer_fingerprint: str | None
+
+    def train_batch(
+        self, step: int, micro: int, rows: range, tasks: list[str]
+    ) -> tuple[Tensor, list[str]]: ...
+
+    def val_batches(self, batch_size: int) -> list[tuple[Tensor, list[str]]]: ...
+
+    def codebook(self) -> Tensor | None: ...
+
+
+class StopRequested(Exception):
+    pass
+
+
+def model_config_for(config: TrainConfig, source: SentenceSource) -> ModelConfig:
+    """The preset with overrides; vocab from the data, context at least the sentence length."""
+    overrides = {"vocab_size": source.vocab_size, **config.model.overrides}
+    model_config = preset(config.model.preset, **overrides)
+    if model_config.max_seq_len < config.data.seq_len:
+        raise DelvmError(
+            f"model max_seq_len {model_config.max_seq_len} < data.seq_len {config.data.seq_len}; "
+            "raise model.overrides.max_seq_len or lower data.seq_len"
+        )
+    return model_config
+
+
+def stage_plan(config: TrainConfig, tasks: list[str]) -> list[tuple[int, int, list[str]]]:
+    """[(first_step, steps, tasks)] for each stage; one stage of every task by default."""
+    if not config.stages:
+        return [(0, config.steps, tasks)]
+    plan, first = [], 0
+    for stage in config.stages:
+        unknown = sorted(set(stage.tasks) - set(tasks))
+        if unknown:
+            raise DelvmError(f"config stages: tasks {unknown} are not in the store ({tasks})")
+        plan.append((first, stage.steps, list(stage.tasks)))
+        first += stage.steps
+    return plan
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, source: SentenceSource, world: World | None = None):
+        self.config, self.source = config, source
+        self.world = world or init_world()
+        self.out = Path(config.out)
+        self.device = self.world.device
+        torch.manual_seed(config.seed)
+
+        self.model_config = model_config_for(config, source)
+        codebook = None
+        if self.model_config.embedding == "codebook":
+            codebook = source.codebook()
+            if codebook is None:
+                raise DelvmError(
+                    "the codebook embedding needs the tokenizer's codebook: set `tokenizer` in "
+                    "the config, or model.overrides.embedding = 'learned'"
+                )
+        with torch.device(self.device):
+            bare = VisualLM(self.model_config, codebook=codebook)
+        if config.init_from:
+            # Fine-tuning: start from a checkpoint's weights (delvm or Hugging Face folder).
+            start = load_model(config.init_from, self.device)
+            if start.config != self.model_config:
+                raise DelvmError(
+                    f"{config.init_from}: its model config differs from this run's "
+                    f"({start.config} vs {self.model_config}); set model.preset/overrides to match"
+                )
+            bare.load_state_dict(start.state_dict())
+        if config.activation_checkpointing:
+            for block in bare.blocks:
+                block.forward = _checkpointed(block.forward)
+        self.bare = bare
+        self.model = wrap_model(bare, self.world, config.parallel)
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.teacher = None
+        if config.distill.teacher:
+            self.teacher = load_teacher(
+                config.distill.teacher, bare, self.device, source.tokenizer_fingerprint
+            )
+
+        self.plan = stage_plan(config, source.tasks)
+        micro_rows = config.micro_batch
+        self.global_rows = micro_rows * self.world.size
+        self.tokens_per_step = (
+            self.global_rows * config.grad_accum * config.data.seq_len
+        )  # the paper's 262,144
+        use_bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and self.device.type == "cuda"
+        )
+        self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=use_bf16)
+        self.step = 0
+        self.history: list[dict] = []
+        self.stage_results: list[dict] = []
+        self._stop_signal: int | None = None
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from the latest checkpoint in ``out`` if there is one."""
+        found = checkpoint_dirs(self.out)
+        if not found:
+            return
+        latest = found[-1]
+        state = read_training_state(latest)
+        saved = state["config"]
+        mine = self.config.to_dict()
+        for key in ("model", "tokenizer", "data", "micro_batch", "grad_accum", "seed", "stages"):
+            if json.dumps(saved.get(key), sort_keys=True) != json.dumps(
+                mine.get(key), sort_keys=True
+            ):
+                raise DelvmError(
+                    f"{latest}: checkpoint was written with a different {key!r} setting; resume "
+                    f"with the same config or choose a new `out` folder"
+                )
+        if state.get("world_size") != self.world.size:
+            raise DelvmError(
+                f"{latest}: written by {state.get('world_size')} ranks, resumed by "
+                f"{self.world.size}; resume with the same number of processes"
+            )
+        restore_training_state(latest, state, self.model, self.optimizer)
+        self.step = state["step"]
+        self.history = state.get("history", [])
+        self.stage_results = state.get("stage_results", [])
+        if self.world.is_main:
+            print(f"resumed from {latest} at step {self.step}")
+
+    def save(self) -> Path | None:
+        extra = {
+            "config": self.config.to_dict(),
+            "world_size": self.world.size,
+            "history": self.history,
+            "stage_results": self.stage_results,
+        }
+        folder = save_training_checkpoint(
+            self.out, self.step, self.model, self.model_config, self.optimizer, extra,
+            self.world.is_main, self.config.keep_checkpoints, self.source.tokenizer_fingerprint,
+        )  # fmt: skip
+        barrier(self.world)
+        return folder
+
+    # ---- one optimizer step ------------------------------------------------------------------
+
+    def _loss(self, ids: Tensor) -> tuple[Tensor, dict[str, float]]:
+        inputs, labels = ids[:, :-1], ids[:, 1:]
+        with self.autocast:
+            logits = self.forward(inputs)
+        if self.teacher is None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            return loss, {}
+        with torch.no_grad(), self.autocast:
+            teacher_logits = self.teacher(inputs)
+        d = self.config.distill
+        loss, loss_gt, loss_kd = kd_loss(
+            logits, teacher_logits, labels, d.w_gt, d.w_kd, d.temperature
+        )
+        return loss, {"loss_gt": loss_gt.item(), "loss_kd": loss_kd.item()}
+
+    def train_step(self, tasks: list[str]) -> dict[str, float]:
+        config, world = self.config, self.world
+        rows = range(world.rank * config.micro_batch, (world.rank + 1) * config.micro_batch)
+        total, parts = torch.zeros((), device=self.device), {}
+        for micro in range(config.grad_accum):
+            ids, _ = self.source.train_batch(self.step, micro, rows, tasks)
+            last = micro == config.grad_accum - 1
+            sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else None
+            with sync or contextlib.nullcontext():
+                loss, extra = self._loss(ids.to(self.device))
+                (loss / config.grad_accum).backward()
+            total += loss.detach() / config.grad_accum
+            for key, value in extra.items():
+                parts[key] = parts.get(key, 0.0) + value / config.grad_accum
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
+        loss = all_reduce_mean(total, world).item()
+        if not math.isfinite(loss) or not math.isfinite(float(grad_norm)):
+            raise DelvmError(
+                f"non-finite loss ({loss}) or gradient norm at step {self.step}; stopped without "
+                f"updating. The last good checkpoint in {self.out / 'checkpoints'} is kept: lower "
+                "optim.lr or check the data"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "grad_norm": float(grad_norm), **parts}
+
+    # ---- evaluation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Per-task validation loss / accuracy / perplexity (sentence and target scopes)."""
+        self.model.eval()
+        metrics = TaskMetrics(self.source.image_tokens)
+        for ids, tasks in self.source.val_batches(self.config.micro_batch):
+            ids = ids.to(self.device)
+            with self.autocast:
+                logits = self.model(ids[:, :-1])
+            metrics.add(tasks, logits, ids[:, 1:])
+        self.model.train()
+        return metrics.result()
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def run(self) -> Path:
+        config, world = self.config, self.world
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        logger = _Logger(self.out, world.is_main, config.tensorboard)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        bounds = [(first, steps) for first, steps, _ in self.plan]
+        flops = 6 * sum(p.numel() for p in self.bare.parameters() if p.requires_grad)
+        if world.is_main:
+            print(
+                f"tokens per optimizer step: {self.tokens_per_step:,} = {config.micro_batch} "
+                f"micro-batch x {config.grad_accum} accumulation x {world.size} ranks x "
+                f"{config.data.seq_len} tokens"
+            )
+        bar = tqdm(total=config.steps, initial=self.step, disable=not world.is_main, desc="train")
+        try:
+            self.model.train()
+            while self.step < config.steps:
+                stage = next(i for i, (f, n, _) in enumerate(self.plan) if self.step < f + n)
+                lr = stage_lr(self.step, bounds, config.lr_policy, config.optim)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                start = time.perf_counter()
+                record = self.train_step(self.plan[stage][2])
+                seconds = time.perf_counter() - start
+                self.step += 1
+                record.update(step=self.step, lr=lr, stage=stage,
+                              tokens_per_s=self.tokens_per_step / seconds)  # fmt: skip
+                if config.peak_tflops > 0:
+                    achieved = flops * self.tokens_per_step / seconds / world.size
+                    record["mfu"] = achieved / (config.peak_tflops * 1e12)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    logger.log(record)
+                    self.history.append({k: record[k] for k in ("step", "loss", "lr")})
+                stage_end = self.step == sum(bounds[stage])
+                if self.step % config.eval_every == 0 or stage_end:
+                    result = self.evaluate()
+                    logger.log({"step": self.step, "val": result})
+                    if stage_end and len(self.plan) > 1:
+                        self.stage_results.append(
+                            {"stage": stage, "step": self.step, "val": result}
+                        )
+                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                    self.save()
+                if self._stop_signal is not None:
+                    self.save()
+                    raise StopRequested
+        except StopRequested:
+            if world.is_main:
+                print(
+                    f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved"
+                )
+        finally:
+            bar.close()
+            logger.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        if world.is_main and len(self.plan) > 1 and self.step == config.steps:
+            (self.out / "stages.json").write_text(json.dumps(self.stage_results, indent=2))
+        return self.out
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if kwargs.get("cache") is not None or not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+class _Logger:
+    """JSONL always (``OUT/log.jsonl``); TensorBoard scalars when installed and enabled."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.file = (out / "log.jsonl").open("a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in _flatten(record).items():
+                if key != "step":
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flatten(record: dict, prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}/"))
+        elif isinstance(value, int | float):
+            flat[name] = value
+    return flat
