@@ -1,0 +1,211 @@
+"""Visual prompting: example pairs + a query image in, the generated answer image out.
+
+A prompt is a visual sentence missing its last image: (input_1, output_1, ..., input_k,
+output_k, query). The model continues it by one image's worth of tokens, which the tokenizer
+decodes. The same machinery continues a half image (inpainting, the paper's Appendix D) and a
+clip of frames (next-frame prediction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from delvm.errors import DelvmError
+from delvm.generate import Generator, SamplingConfig
+from delvm.images import load_square
+from delvm.model import VisualLM
+from delvm.tokenizer import VQGAN
+
+ImageLike = np.ndarray | str | Path  # RGB uint8 [H, W, 3] or an image file
+
+
+class VisualPrompter:
+    """Prompts a model whose token ids are ``tokenizer``'s codes."""
+
+    def __init__(
+        self,
+        model: VisualLM,
+        tokenizer: VQGAN,
+        decode_dtype: torch.dtype | None = None,
+        model_fingerprint: str | None = None,
+    ):
+        if model.config.codes != tokenizer.num_codes:
+            raise DelvmError(
+                f"the model predicts {model.config.codes} codes but the tokenizer has "
+                f"{tokenizer.num_codes}; use the tokenizer the model was trained with"
+            )
+        if model_fingerprint and model_fingerprint != tokenizer.fingerprint():
+            raise DelvmError(
+                f"the checkpoint was trained with tokenizer {model_fingerprint}, not "
+                f"{tokenizer.fingerprint()}; pass the tokenizer folder it was trained with"
+            )
+        self.model, self.tokenizer = model, tokenizer
+        self.generator = Generator(model, decode_dtype)
+        self.size = tokenizer.config.resolution
+        self.image_tokens = tokenizer.grid_size**2
+
+    def pixels(self, image: ImageLike) -> np.ndarray:
+        """An image as the model sees it: RGB uint8 at the tokenizer's resolution."""
+        if isinstance(image, str | Path):
+            return load_square(image, self.size)
+        if image.shape[:2] != (self.size, self.size):
+            raise DelvmError(
+                f"image of size {image.shape[1]}x{image.shape[0]}: expected {self.size}x{self.size}"
+                " (pass a file path to have it resized and centre-cropped)"
+            )
+        return image
+
+    def encode(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Images -> ids [n, tokens per image]."""
+        return self.tokenizer.encode(np.stack([self.pixels(i) for i in images]))
+
+    def _images(self, ids: torch.Tensor) -> list[np.ndarray]:
+        pixels = self.tokenizer.decode(ids.cpu())
+        return list((pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8))
+
+    def continue_ids(
+        self, prompts: torch.Tensor, new_tokens: int, sampling: SamplingConfig | None
+    ) -> torch.Tensor:
+        needed = prompts.shape[1] + new_tokens
+        if needed > self.model.config.max_seq_len:
+            raise DelvmError(
+                f"the prompt needs {needed} tokens but the model's context is "
+                f"{self.model.config.max_seq_len}; use fewer example pairs"
+            )
+        return self.generator(prompts, new_tokens, sampling)
+
+    def __call__(
+        self,
+        examples: Sequence[tuple[ImageLike, ImageLike]],
+        queries: Sequence[ImageLike],
+        sampling: SamplingConfig | None = None,
+    ) -> list[np.ndarray]:
+        """One output image per query, all under the same example pairs (batched)."""
+        if not queries:
+            raise DelvmError("give at least one query image")
+        context = self.encode([image for pair in examples for image in pair]).reshape(1, -1)
+        query_ids = self.encode(queries)
+        prompts = torch.cat([context.expand(len(queries), -1), query_ids], dim=1)
+        return self._images(self.continue_ids(prompts, self.image_tokens, sampling))
+
+    def inpaint(
+        self, images: Sequence[ImageLike], sampling: SamplingConfig | None = None
+    ) -> list[np.ndarray]:
+        """Keep the top half of each image's token rows, generate the bottom half."""
+        ids = self.encode(images)
+        half = self.image_tokens // 2
+        rest = self.continue_ids(ids[:, :half], self.image_tokens - half, sampling)
+        return self._images(torch.cat([ids[:, :half], rest], dim=1))
+
+    def next_frame(
+        self, frames: Sequence[ImageLike], sampling: SamplingConfig | None = None
+    ) -> np.ndarray:
+        """The frame after ``frames`` (a clip in time order)."""
+        ids = self.encode(frames).reshape(1, -1)
+        return self._images(self.continue_ids(ids, self.image_tokens, sampling))[0]
+
+
+def save_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 4) -> Path:
+    """Write rows of equal-size images as one PNG grid (e.g. examples | query | output)."""
+    height, width = rows[0][0].shape[:2]
+    columns = max(len(r) for r in rows)
+    canvas = np.full(
+        (len(rows) * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, np.uint8
+    )
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            y, x = r * (height + gap), c * (width + gap)
+            canvas[y : y + height, x : x + width] = image
+    Image.fromarray(canvas).save(path)
+    return Path(path)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def load_prompter(checkpoint: Path, tokenizer: Path, device: str = "cpu") -> VisualPrompter:
+    """A prompter for a checkpoint (delvm or Hugging Face folder) and its tokenizer folder."""
+    from delvm.checkpoint import load_model, read_checkpoint_config
+    from delvm.hf import is_hf_folder
+    from delvm.tokenizer import load_tokenizer
+
+    model = load_model(checkpoint, device).eval()
+    fingerprint = None
+    if not is_hf_folder(checkpoint):
+        fingerprint = read_checkpoint_config(checkpoint)[1]["tokenizer"]["fingerprint"]
+    # bf16 decode copies pay off on CPU (decoding reads every weight per token).
+    decode_dtype = torch.bfloat16 if device == "cpu" else None
+    return VisualPrompter(model, load_tokenizer(tokenizer, device), decode_dtype, fingerprint)
+
+
+def _sampling(args) -> SamplingConfig:
+    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+
+
+def _add_common(p) -> None:
+    p.add_argument("checkpoint", type=Path, help="delvm checkpoint or Hugging Face folder")
+    p.add_argument("--tokenizer", type=Path, required=True, help="the tokenizer folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+
+def _run_prompt(args) -> None:
+    if len(args.examples) % 2:
+        raise DelvmError("--examples takes pairs: IN OUT [IN OUT ...]")
+    pairs = list(zip(args.examples[::2], args.examples[1::2], strict=True))
+    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device)
+    outputs = prompter(pairs, args.query, _sampling(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    shown = [prompter.pixels(image) for pair in pairs for image in pair]
+    rows = []
+    for query, output in zip(args.query, outputs, strict=True):
+        Image.fromarray(output).save(args.out / f"{Path(query).stem}_output.png")
+        rows.append([*shown, prompter.pixels(query), output])
+    print(save_grid(rows, args.out / "grid.png"))
+
+
+def _run_inpaint(args) -> None:
+    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device)
+    outputs = prompter.inpaint(args.images, _sampling(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path, output in zip(args.images, outputs, strict=True):
+        Image.fromarray(output).save(args.out / f"{Path(path).stem}_inpainted.png")
+        rows.append([prompter.pixels(path), output])
+    print(save_grid(rows, args.out / "grid.png"))
+
+
+def _run_next_frame(args) -> None:
+    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device)
+    frame = prompter.next_frame(args.frames, _sampling(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(frame).save(args.out / "next_frame.png")
+    print(save_grid([[*(prompter.pixels(f) for f in args.frames), frame]], args.out / "grid.png"))
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("prompt", help="generate answer images from example pairs and queries")
+    _add_common(p)
+    p.add_argument("--examples", nargs="+", required=True, metavar="IMG",
+                   help="example pairs: IN OUT [IN OUT ...]")  # fmt: skip
+    p.add_argument("--query", nargs="+", required=True, metavar="IMG", help="query images")
+    p.set_defaults(func=_run_prompt)
+
+    p = sub.add_parser("inpaint", help="keep the top half of images, generate the bottom half")
+    _add_common(p)
+    p.add_argument("images", nargs="+", type=Path)
+    p.set_defaults(func=_run_inpaint)
+
+    p = sub.add_parser("next-frame", help="predict the frame after a clip of frames")
+    _add_common(p)
+    p.add_argument("frames", nargs="+", type=Path, help="frames in time order")
+    p.set_defaults(func=_run_next_frame)

@@ -1,0 +1,108 @@
+"""Visual prompting end to end on a tiny random tokenizer and model."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from delvm.checkpoint import save_model
+from delvm.cli import main
+from delvm.errors import DelvmError
+from delvm.generate import SamplingConfig
+from delvm.model import VisualLM, preset
+from delvm.prompting import VisualPrompter, save_grid
+from delvm.tokenizer import VQGAN, VQGANConfig
+
+TOKENIZER = VQGANConfig(
+    resolution=32,
+    hidden_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    no_attn_mid_block=True,
+    z_channels=8,
+    num_embeddings=64,
+    quantized_embed_dim=8,
+)  # fmt: skip  -> 16 x 16 tokens per 32 px image
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    tokenizer = VQGAN(TOKENIZER).eval()
+    config = preset("tiny", vocab_size=64, codebook_dim=8, max_seq_len=256 * 6)
+    model = VisualLM(config, codebook=tokenizer.codebook.detach()).eval()
+    return tokenizer, model
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_prompt_is_examples_then_query_and_batches_agree(parts):
+    tokenizer, model = parts
+    prompter = VisualPrompter(model, tokenizer)
+    pairs = list(zip(images(2, 1), images(2, 2), strict=True))
+    queries = images(3, 3)
+    greedy = SamplingConfig(temperature=0)
+    batched = prompter(pairs, queries, greedy)
+    assert len(batched) == 3 and batched[0].shape == (32, 32, 3) and batched[0].dtype == np.uint8
+    for query, output in zip(queries, batched, strict=True):
+        assert np.array_equal(prompter(pairs, [query], greedy)[0], output)
+    # The prompt the model sees: example pairs in order, then the query.
+    flat = [image for pair in pairs for image in pair]
+    expected = torch.cat([tokenizer.encode(np.stack(flat)).reshape(1, -1),
+                          tokenizer.encode(np.stack(queries[:1]))], dim=1)  # fmt: skip
+    new = prompter.generator(expected, 256, greedy)
+    decoded = (tokenizer.decode(new).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(decoded[0], batched[0])
+
+
+def test_inpaint_keeps_the_top_half(parts):
+    tokenizer, model = parts
+    prompter = VisualPrompter(model, tokenizer)
+    source = images(1, 5)
+    greedy = SamplingConfig(temperature=0)
+    out = prompter.inpaint(source, greedy)[0]
+    top = tokenizer.encode(np.stack(source))[:, :128]
+    ids = torch.cat([top, prompter.generator(top, 128, greedy)], dim=1)
+    expected = (tokenizer.decode(ids)[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(out, expected)
+    assert prompter.next_frame(images(2, 6)).shape == (32, 32, 3)
+
+
+def test_mismatched_tokenizer_and_long_prompts_are_errors(parts):
+    tokenizer, model = parts
+    other = VisualLM(preset("tiny", vocab_size=128, codebook_dim=8))
+    with pytest.raises(DelvmError, match="codes"):
+        VisualPrompter(other, tokenizer)
+    with pytest.raises(DelvmError, match="trained with tokenizer"):
+        VisualPrompter(model, tokenizer, model_fingerprint="0123456789abcdef")
+    pairs = list(zip(images(3), images(3), strict=True))
+    with pytest.raises(DelvmError, match="fewer example pairs"):
+        VisualPrompter(model, tokenizer)(pairs, images(1))
+
+
+def test_prompt_cli_writes_outputs_and_a_grid(parts, tmp_path):
+    tokenizer, model = parts
+    tokenizer.save_pretrained(tmp_path / "tok")
+    save_model(model, tmp_path / "ckpt", tokenizer_fingerprint=tokenizer.fingerprint())
+    files = []
+    for i, image in enumerate(images(3, 9)):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(np.kron(image, np.ones((2, 2, 1), np.uint8))).save(files[-1])  # 64 px
+    args = ["prompt", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok"),
+            "--examples", str(files[0]), str(files[1]), "--query", str(files[2]),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    assert Image.open(tmp_path / "out" / "img2_output.png").size == (32, 32)
+    assert Image.open(tmp_path / "out" / "grid.png").size == (4 * 32 + 3 * 4, 32)
+    assert main([*args[:-1], str(tmp_path / "out"), "--examples", str(files[0])]) == 2
+
+
+def test_save_grid_layout(tmp_path):
+    a, b = np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 200, np.uint8)
+    grid = np.asarray(Image.open(save_grid([[a, b], [b]], tmp_path / "g.png")))
+    assert grid.shape == (20, 20, 3)
+    assert grid[0, 0, 0] == 0 and grid[0, 12, 0] == 200 and grid[12, 12, 0] == 255
