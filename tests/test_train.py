@@ -47,7 +47,9 @@ def final_weights(out: Path) -> dict:
 
 
 def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
-    config = tiny_config(tmp_path / "run", "steps=30", "checkpoint_every=10", "eval_every=10")
+    config = tiny_config(
+        tmp_path / "run", "steps=30", "checkpoint_every=10", "eval_every=10", "tensorboard=true"
+    )
     Trainer(config, PatternSentences()).run()
     curve = losses(tmp_path / "run")
     assert len(curve) == 30 and curve[-1] < curve[0] - 0.5
@@ -61,6 +63,7 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
     val = [r["val"] for r in records if "val" in r][-1]
     assert set(val) == {"segmentation", "pose"}
     assert set(val["pose"]) == {"sentence", "target"}
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_lr_schedule_warmup_cosine_and_stage_policies():

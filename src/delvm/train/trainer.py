@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from delvm.checkpoint import load_model
@@ -330,19 +331,12 @@ def _checkpointed(forward):
 
 
 class _Logger:
-    """JSONL always (``OUT/log.jsonl``); TensorBoard scalars when installed and enabled."""
+    """JSONL always (``OUT/log.jsonl``); TensorBoard scalars (``OUT/tensorboard``) if enabled."""
 
     def __init__(self, out: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
         self.file = (out / "log.jsonl").open("a") if enabled else None
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                self.tb = None
+        self.tb = SummaryWriter(str(out / "tensorboard")) if enabled and tensorboard else None
 
     def log(self, record: dict) -> None:
         if not self.enabled:
