@@ -9,13 +9,22 @@ from delvm.errors import DelvmError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Imported here so `delvm --help` only pays for what it lists.
-    from delvm import export
+    # Imported here so importing delvm.cli stays cheap for code that only calls main().
+    from delvm import evaluate, export, prompting
+    from delvm.data import cli as data_cli
+    from delvm.tokenizer import cli as tokenizer_cli
+    from delvm.train import cli as train_cli
 
     parser = argparse.ArgumentParser(
         prog="delvm", description="Data-efficient autoregressive Large Vision Models."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # In pipeline order: tokenize, build data, train, evaluate, prompt, hand over.
+    tokenizer_cli.add_commands(sub)
+    data_cli.add_commands(sub)
+    train_cli.add_commands(sub)
+    evaluate.add_commands(sub)
+    prompting.add_commands(sub)
     export.add_commands(sub)
     return parser
 

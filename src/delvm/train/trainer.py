@@ -66,13 +66,16 @@ class StopRequested(Exception):
 
 
 def model_config_for(config: TrainConfig, source: SentenceSource) -> ModelConfig:
-    """The preset with overrides; vocab from the data, context at least the sentence length."""
-    overrides = {"vocab_size": source.vocab_size, **config.model.overrides}
-    model_config = preset(config.model.preset, **overrides)
-    if model_config.max_seq_len < config.data.seq_len:
+    """The preset with overrides; vocab (and codebook width) from the data, context checked."""
+    overrides = {"vocab_size": source.vocab_size}
+    codebook = source.codebook()
+    if codebook is not None:
+        overrides["codebook_dim"] = codebook.shape[1]
+    model_config = preset(config.model.preset, **{**overrides, **config.model.overrides})
+    if model_config.max_seq_len < config.data.seq_len - 1:
         raise DelvmError(
-            f"model max_seq_len {model_config.max_seq_len} < data.seq_len {config.data.seq_len}; "
-            "raise model.overrides.max_seq_len or lower data.seq_len"
+            f"model max_seq_len {model_config.max_seq_len} < data.seq_len - 1; raise "
+            "model.overrides.max_seq_len or lower data.seq_len"
         )
     return model_config
 

@@ -1,0 +1,1 @@
+"""Data: sources in real annotation formats, target rendering, paired augmentation, toy world."""

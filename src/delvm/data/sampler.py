@@ -1,0 +1,281 @@
+"""Visual sentences from a token store: k examples of one task, concatenated, balanced, seeded.
+
+A sentence is (input_1, output_1, ..., input_k, output_k) token by token, k examples of ONE task,
+k = seq_len // (images per example x tokens per image), composed at load time so one store serves
+any context. Each sentence is a pure function of the seed and its address (step, micro-batch, row
+for training; task and number for validation): resuming at a step replays exactly what an
+uninterrupted run would see, and data-parallel ranks, which take different rows, never share one.
+
+The task of a training sentence is drawn by weight:
+    none      proportional to the task's stored tokens of original examples (natural mix)
+    resample  equal for every task (tail-task examples repeat more often)
+    augment   proportional to stored tokens including the augmented copies `delvm data build`
+              made for tail tasks (needs a store built with balance = "augment")
+and `task_weights` multiply those weights per task. Within a task, k distinct original examples
+are drawn uniformly (repeats only when the task has fewer than k), each as a random one of its
+stored copies under `augment`, else as copy 0.
+
+The held-out split is by original example: a validation example's copies never reach training.
+Validation sentences use copy 0 of validation examples only and are fixed by the seed.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from delvm.data.store import BALANCE_MODES, TaskTokens, TokenStore
+from delvm.errors import DelvmError
+
+# Separate random streams for the split, training sentences and validation sentences.
+SPLIT, TRAIN, VAL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Field names match the trainer's [data] section (`delvm.train.config.DataSection`)."""
+
+    seq_len: int = 2048  # the context; each sentence fills it with whole examples
+    balance: str = "augment"  # none | resample | augment
+    task_weights: dict = field(default_factory=dict)  # task -> weight multiplier
+    val_fraction: float = 0.05  # held-out share of each task's original examples
+    val_sentences: int = 16  # fixed validation sentences per task
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.balance not in BALANCE_MODES:
+            raise DelvmError(f"data balance = {self.balance!r}: use one of {BALANCE_MODES}")
+        if not 0 <= self.val_fraction < 1:
+            raise DelvmError(f"data val_fraction = {self.val_fraction}: use 0 <= value < 1")
+        if any(w < 0 for w in self.task_weights.values()):
+            raise DelvmError(f"data task_weights {self.task_weights}: weights must be >= 0")
+
+
+class SentenceBatch(NamedTuple):
+    ids: Tensor  # [batch, seq] int64 token ids
+    tasks: list[str]  # the task of each row
+
+
+def _key(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The rows one side of the split may draw from, grouped by original example."""
+
+    origins: np.ndarray  # original example ids in this pool, ascending
+    rows: np.ndarray  # row ids, grouped by origin
+    starts: np.ndarray  # [origins] where each origin's rows begin in `rows`
+    counts: np.ndarray  # [origins] how many rows each origin has
+
+    @classmethod
+    def of(cls, task: TaskTokens, origins: np.ndarray, all_copies: bool) -> Pool:
+        keep = np.isin(task.origin, origins)
+        if not all_copies:
+            keep &= task.copy == 0
+        rows = np.flatnonzero(keep)
+        rows = rows[np.argsort(task.origin[rows], kind="stable")]
+        ids, starts, counts = np.unique(task.origin[rows], return_index=True, return_counts=True)
+        return cls(ids, rows, starts, counts)
+
+    def draw(self, rng: np.random.Generator, k: int) -> np.ndarray:
+        """Rows of k different original examples (with repeats only if there are fewer)."""
+        n = len(self.origins)
+        picks = rng.choice(n, size=k, replace=n < k)
+        offsets = (rng.random(k) * self.counts[picks]).astype(np.int64)
+        return self.rows[self.starts[picks] + offsets]
+
+
+class SentenceSampler:
+    """Sentences from a store; implements the trainer's `SentenceSource`."""
+
+    def __init__(self, store: TokenStore, config: SamplerConfig, codebook: Tensor | None = None):
+        if config.balance == "augment" and store.balance != "augment":
+            raise DelvmError(
+                f"{store.path}: built with balance = {store.balance!r}, so it holds no augmented "
+                "copies; rebuild it with balance = 'augment', or sample with 'none' or 'resample'"
+            )
+        unknown = sorted(set(config.task_weights) - set(store.tasks))
+        if unknown:
+            raise DelvmError(
+                f"data task_weights: {unknown} not in the store ({sorted(store.tasks)})"
+            )
+        self.store, self.config, self._codebook = store, config, codebook
+        self.tasks = sorted(store.tasks)
+        self.image_tokens = store.tokens_per_image
+        self.vocab_size = store.num_codes
+        self.tokenizer_fingerprint = store.fingerprint
+        self.examples_per_sentence = {t: self._k(t) for t in self.tasks}
+        self.sentence_tokens = self._sentence_tokens()
+        self.train, self.val = {}, {}
+        for name in self.tasks:
+            task = store.tasks[name]
+            train, val = self.split(name)
+            self.train[name] = Pool.of(task, train, all_copies=config.balance == "augment")
+            self.val[name] = Pool.of(task, val, all_copies=False)
+        self.weights = {t: self._weight(t) for t in self.tasks}
+        self._val_cache: dict[int, list[SentenceBatch]] = {}
+
+    # -- layout and balancing
+
+    def _k(self, name: str) -> int:
+        per_example = self.store.tasks[name].images_per_example * self.image_tokens
+        k = self.config.seq_len // per_example
+        if k == 0:
+            raise DelvmError(
+                f"data seq_len {self.config.seq_len} is shorter than one example of task {name} "
+                f"({per_example} tokens); raise seq_len"
+            )
+        return k
+
+    def _sentence_tokens(self) -> int:
+        """Tokens per sentence: the same for every task, or the sampler refuses the store."""
+        lengths = {
+            t: k * self.store.tasks[t].images_per_example * self.image_tokens
+            for t, k in self.examples_per_sentence.items()
+        }
+        if len(set(lengths.values())) > 1:
+            raise DelvmError(
+                f"data seq_len {self.config.seq_len} gives sentences of different lengths per "
+                f"task {lengths}; choose a seq_len that is a multiple of every task's example"
+            )
+        return next(iter(lengths.values()))
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(training, validation) original example ids of a task; fixed by the seed."""
+        n = self.store.tasks[name].num_examples
+        held = math.ceil(self.config.val_fraction * n)
+        if held >= n:
+            raise DelvmError(
+                f"task {name}: {n} examples, val_fraction {self.config.val_fraction} holds out "
+                f"{held} and leaves none for training; lower data.val_fraction or add data"
+            )
+        order = np.random.default_rng([self.config.seed, SPLIT, _key(name)]).permutation(n)
+        return np.sort(order[held:]), np.sort(order[:held])
+
+    def _weight(self, name: str) -> float:
+        if self.config.balance == "resample":
+            base = 1.0
+        else:
+            task = self.store.tasks[name]
+            base = float(len(self.train[name].rows) * task.images_per_example)
+        return base * float(self.config.task_weights.get(name, 1.0))
+
+    # -- sentences
+
+    def _compose(self, draws: list[tuple[str, np.random.Generator]], pools: dict) -> SentenceBatch:
+        """One sentence per (task, rng); the token rows are gathered per task in one go."""
+        length = self.sentence_tokens
+        grouped: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        for b, (name, rng) in enumerate(draws):
+            rows = pools[name].draw(rng, self.examples_per_sentence[name])
+            positions, picks = grouped.setdefault(name, ([], []))
+            positions.append(b)
+            picks.append(rows)
+        out = np.empty((len(draws), length), dtype=np.int64)
+        for name, (positions, picks) in grouped.items():
+            tokens = self.store.tasks[name].tokens[np.concatenate(picks)]
+            out[positions] = tokens.reshape(len(positions), length)
+        return SentenceBatch(torch.from_numpy(out), [name for name, _ in draws])
+
+    def train_batch(self, step: int, micro: int, rows: range, tasks: list[str]) -> SentenceBatch:
+        """Rows `rows` of the global batch for (step, micro-batch), drawn from `tasks`."""
+        weights = np.array([self.weights[t] for t in tasks], dtype=np.float64)
+        if weights.sum() <= 0:
+            raise DelvmError(f"tasks {tasks}: every weight is 0; fix data.task_weights")
+        cumulative = np.cumsum(weights)
+        draws = []
+        for row in rows:
+            rng = np.random.default_rng([self.config.seed, TRAIN, step, micro, row])
+            u = rng.random() * cumulative[-1]
+            draws.append((tasks[int(np.searchsorted(cumulative, u, side="right"))], rng))
+        return self._compose(draws, self.train)
+
+    def val_batches(self, batch_size: int) -> list[SentenceBatch]:
+        """The fixed validation sentences, `val_sentences` per task, in batches."""
+        if batch_size not in self._val_cache:
+            draws = [
+                (name, np.random.default_rng([self.config.seed, VAL, _key(name), j]))
+                for name in self.tasks
+                if len(self.val[name].origins)
+                for j in range(self.config.val_sentences)
+            ]
+            self._val_cache[batch_size] = [
+                self._compose(draws[i : i + batch_size], self.val)
+                for i in range(0, len(draws), batch_size)
+            ]
+        return self._val_cache[batch_size]
+
+    def codebook(self) -> Tensor | None:
+        """The tokenizer's codebook (for the codebook embedding), if one was given."""
+        return self._codebook
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A continual-learning stage: `batches` batches drawn from `tasks` only."""
+
+    tasks: list[str]
+    batches: int
+
+
+class SentenceStream:
+    """An endless iterator of training batches with an exact integer position.
+
+    Batch p of rank r is rows [r*batch_size, (r+1)*batch_size) of global batch p, so ranks see
+    different sentences, and N ranks together see what one process with N x batch_size would.
+    `stages` (continual learning) run in order and the stream ends after the last one.
+    """
+
+    def __init__(
+        self,
+        sampler: SentenceSampler,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        stages: list[Stage] | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise DelvmError(f"rank {rank} is outside world size {world_size}")
+        for stage in stages or []:
+            unknown = sorted(set(stage.tasks) - set(sampler.tasks))
+            if unknown or not stage.tasks:
+                raise DelvmError(
+                    f"stage tasks {stage.tasks}: use tasks of the store {sampler.tasks}"
+                )
+        self.sampler, self.batch_size = sampler, batch_size
+        self.rows = range(rank * batch_size, (rank + 1) * batch_size)
+        self.stages = stages
+        self.position = 0
+
+    def __iter__(self) -> SentenceStream:
+        return self
+
+    def __next__(self) -> SentenceBatch:
+        tasks = self.sampler.tasks
+        if self.stages is not None:
+            tasks = self._stage_tasks()
+        batch = self.sampler.train_batch(self.position, 0, self.rows, tasks)
+        self.position += 1
+        return batch
+
+    def _stage_tasks(self) -> list[str]:
+        end = 0
+        for stage in self.stages:
+            end += stage.batches
+            if self.position < end:
+                return stage.tasks
+        raise StopIteration
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])

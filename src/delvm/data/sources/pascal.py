@@ -1,0 +1,104 @@
+"""Pascal-5i few-shot segmentation on a VOC folder -> (photo, one class as white on black).
+
+Layout: VOC_ROOT/JPEGImages/NAME.jpg, VOC_ROOT/SegmentationClassAug/NAME.png (SBD-augmented,
+grayscale class indices) or VOC_ROOT/SegmentationClass/NAME.png (palette), and an image list,
+by default VOC_ROOT/ImageSets/Segmentation/{train,val}.txt. Fold i holds classes 5i+1..5i+5
+(OSLSM's split): "val" gives those classes on the val list, "train" the other 15 classes on the
+train list, where fold-i pixels simply stay background. One example per (image, class present);
+255 (object boundaries, "void") is background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from delvm.data.example import Example, Skipped
+from delvm.data.render import render_foreground
+from delvm.data.sources.common import load_or_skip
+from delvm.errors import DelvmError
+from delvm.images import MAX_IMAGE_PIXELS
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+
+def fold_classes(fold: int, split: str) -> list[int]:
+    """Class ids (1..20) of a Pascal-5i fold: its 5 for "val", the other 15 for "train"."""
+    if fold not in (0, 1, 2, 3):
+        raise DelvmError(f"pascal5i fold {fold}: must be 0, 1, 2 or 3")
+    held = list(range(5 * fold + 1, 5 * fold + 6))
+    if split == "val":
+        return held
+    if split == "train":
+        return [c for c in range(1, 21) if c not in held]
+    raise DelvmError(f"pascal5i split {split!r}: must be 'train' or 'val'")
+
+
+def _label_map(path: Path) -> np.ndarray | Skipped:
+    """A class-index PNG (palette or grayscale) as uint8 [H, W], or why it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return Skipped(str(path), f"{image.width}x{image.height} exceeds the pixel limit")
+            if image.mode not in ("P", "L"):
+                return Skipped(str(path), f"mode {image.mode}: expected class indices (P or L)")
+            return np.asarray(image, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        return Skipped(str(path), "no such mask file")
+    except (OSError, SyntaxError, ValueError) as err:
+        return Skipped(str(path), f"unreadable mask ({err})")
+
+
+def iter_pascal5i(
+    voc_root: str | Path,
+    fold: int,
+    split: str = "train",
+    task: str = "foreground",
+    mask_dir: str | None = None,
+    list_file: str | Path | None = None,
+    min_pixels: int = 1,
+) -> Iterator[Example | Skipped]:
+    """(photo, class mask) examples of Pascal-5i fold `fold`, split "train" or "val"."""
+    root = Path(voc_root)
+    classes = fold_classes(fold, split)
+    if mask_dir is None:
+        augmented = (root / "SegmentationClassAug").is_dir()
+        mask_dir = "SegmentationClassAug" if augmented else "SegmentationClass"
+    default_list = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    list_path = Path(list_file) if list_file else default_list
+    for needed in (root / "JPEGImages", root / mask_dir):
+        if not needed.is_dir():
+            raise DelvmError(f"{needed}: missing (Pascal-5i source needs a VOC folder layout)")
+    if not list_path.is_file():
+        raise DelvmError(f"{list_path}: missing image list (give `list_file`)")
+    # Lines are "NAME" (VOC) or "/JPEGImages/NAME.jpg /SegmentationClassAug/NAME.png" (SBD).
+    lines = list_path.read_text().splitlines()
+    names = [Path(line.split()[0]).stem for line in lines if line.strip()]
+    for name in names:
+        labels = _label_map(root / mask_dir / f"{name}.png")
+        if isinstance(labels, Skipped):
+            yield labels
+            continue
+        image = load_or_skip(root / "JPEGImages" / f"{name}.jpg")
+        if isinstance(image, Skipped):
+            yield image
+            continue
+        if image.shape[:2] != labels.shape:
+            yield Skipped(str(root / "JPEGImages" / f"{name}.jpg"), "image and mask sizes differ")
+            continue
+        for c in classes:
+            mask = labels == c
+            if np.count_nonzero(mask) >= min_pixels:
+                yield Example(
+                    task,
+                    [image, render_foreground(mask)],
+                    source=f"{root / 'JPEGImages' / name}.jpg#class={c}",
+                    meta={"nearest": [False, True], "class": VOC_CLASSES[c - 1], "fold": fold},
+                )

@@ -1,0 +1,186 @@
+"""Visual sentences: layout, balancing weights, held-out split, exact resume, ranks, stages."""
+
+import numpy as np
+import pytest
+import torch
+
+from delvm.data.sampler import SamplerConfig, SentenceSampler, SentenceStream, Stage
+from delvm.data.store import TaskArrays, open_store, write_store
+from delvm.errors import DelvmError
+
+TOKENS = 4  # tokens per image (a 2x2 grid)
+IDENTITY = {"fingerprint": "0" * 16, "num_codes": 16384, "grid_size": 2, "path": ""}
+
+
+def labelled_task(first_row: int, examples: int, copies: int, images: int = 2) -> TaskArrays:
+    """Rows whose tokens say where they came from: token = row id * 8 + image, in every slot."""
+    rows = [(o, 0) for o in range(examples)]
+    rows += [(o, c) for o in range(examples) for c in range(1, copies + 1)]
+    ids = first_row + np.arange(len(rows))
+    tokens = ids[:, None, None] * 8 + np.arange(images)[None, :, None]
+    tokens = np.broadcast_to(tokens, (len(rows), images, TOKENS)).copy()
+    return TaskArrays(tokens, np.array(rows), [f"ex{o}" for o in range(examples)])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Long-tailed: seg 200 originals; pose 20 originals + 9 copies each (as `augment` builds)."""
+    folder = tmp_path_factory.mktemp("store")
+    tasks = {"seg": labelled_task(0, 200, 0), "pose": labelled_task(1000, 20, 9)}
+    write_store(folder, tasks, IDENTITY, balance="augment")
+    return open_store(folder)
+
+
+def decode(ids: torch.Tensor, store) -> list[list[tuple[str, int, int]]]:
+    """Each sentence as its (task, origin, copy) per example; checks the image order on the way."""
+    out = []
+    for sentence in ids.numpy():
+        images = sentence.reshape(-1, TOKENS)
+        assert (images == images[:, :1]).all()  # whole images, never cut
+        codes = images[:, 0]
+        examples = []
+        for pair in codes.reshape(-1, 2):
+            row, image = divmod(int(pair[0]), 8)
+            assert image == 0 and pair[1] == pair[0] + 1  # input then output
+            name, local = ("seg", row) if row < 1000 else ("pose", row - 1000)
+            task = store.tasks[name]
+            examples.append((name, int(task.origin[local]), int(task.copy[local])))
+        out.append(examples)
+    return out
+
+
+def sampler(store, **settings):
+    return SentenceSampler(store, SamplerConfig(**{"seq_len": 32, **settings}))
+
+
+def test_a_sentence_is_k_whole_examples_of_one_task_in_order(store):
+    s = sampler(store, val_fraction=0.1)
+    assert s.examples_per_sentence == {"pose": 4, "seg": 4} and s.sentence_tokens == 32
+    batch = s.train_batch(0, 0, range(64), s.tasks)
+    assert batch.ids.dtype == torch.int64 and batch.ids.shape == (64, 32)
+    for task, examples in zip(batch.tasks, decode(batch.ids, store), strict=True):
+        assert {name for name, _, _ in examples} == {task}
+        assert len({origin for _, origin, _ in examples}) == 4  # k different examples
+    # A sentence depends on its address and the seed only.
+    again = s.train_batch(0, 0, range(3, 5), s.tasks)
+    assert torch.equal(again.ids, batch.ids[3:5]) and again.tasks == batch.tasks[3:5]
+    assert not torch.equal(sampler(store, seed=1).train_batch(0, 0, range(64), s.tasks).ids,
+                           batch.ids)  # fmt: skip
+
+
+def task_shares(s, tasks, n=3000) -> dict[str, float]:
+    names = s.train_batch(7, 0, range(n), tasks).tasks
+    return {t: names.count(t) / n for t in tasks}
+
+
+@pytest.mark.parametrize(
+    "balance, weights, pose_share",
+    [
+        # Training examples after holding out 5 %: pose 19 (+ 9 copies each), seg 190.
+        ("none", {}, 19 / (19 + 190)),  # originals only, natural proportions
+        ("resample", {}, 0.5),
+        ("augment", {}, 190 / (190 + 190)),  # pose's copies equalise the tokens
+        ("resample", {"pose": 3.0}, 0.75),
+    ],
+)
+def test_task_shares_follow_the_balancing_mode(store, balance, weights, pose_share):
+    shares = task_shares(sampler(store, balance=balance, task_weights=weights), ["pose", "seg"])
+    sigma = (pose_share * (1 - pose_share) / 3000) ** 0.5
+    assert abs(shares["pose"] - pose_share) < 4 * sigma + 1e-9
+
+
+def test_copies_are_used_only_under_augment(store):
+    for balance, expect_copies in (("none", False), ("resample", False), ("augment", True)):
+        batch = sampler(store, balance=balance).train_batch(0, 0, range(200), ["pose"])
+        copies = {c for sentence in decode(batch.ids, store) for _, _, c in sentence}
+        assert (copies != {0}) == expect_copies
+
+
+def test_held_out_examples_and_their_copies_never_reach_training(store):
+    s = sampler(store, val_fraction=0.25, val_sentences=5)
+    for name in ("pose", "seg"):
+        train, val = s.split(name)
+        assert len(val) == int(np.ceil(0.25 * store.tasks[name].num_examples))
+        assert not set(train) & set(val) and len(train) + len(val) == store.tasks[name].num_examples
+    seen = {"pose": set(), "seg": set()}
+    for step in range(10):
+        batch = s.train_batch(step, 0, range(64), s.tasks)
+        for sentence in decode(batch.ids, store):
+            for name, origin, _ in sentence:
+                seen[name].add(origin)
+    assert all(not seen[name] & set(s.split(name)[1]) for name in seen)
+    assert len(seen["pose"]) == 15  # every training example of pose shows up
+
+    val = s.val_batches(batch_size=4)
+    assert [len(b.tasks) for b in val] == [4, 4, 2]  # 5 sentences x 2 tasks
+    for batch in val:
+        for name, sentence in zip(batch.tasks, decode(batch.ids, store), strict=True):
+            assert all(o in s.split(name)[1] and c == 0 for _, o, c in sentence)
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(val, s.val_batches(4), strict=True))
+
+
+def test_a_resumed_stream_continues_exactly_and_ranks_split_the_global_batch(store):
+    s = sampler(store)
+    full = SentenceStream(s, batch_size=4)
+    batches = [next(full) for _ in range(6)]
+
+    resumed = SentenceStream(s, batch_size=4)
+    for _ in range(3):
+        next(resumed)
+    state = resumed.state_dict()
+    fresh = SentenceStream(s, batch_size=4)
+    fresh.load_state_dict(state)
+    for expected in batches[3:]:
+        assert torch.equal(next(fresh).ids, expected.ids)
+
+    ranks = [SentenceStream(s, batch_size=2, rank=r, world_size=2) for r in (0, 1)]
+    for expected in batches[:3]:
+        parts = [next(rank) for rank in ranks]
+        assert not torch.equal(parts[0].ids, parts[1].ids)
+        assert torch.equal(torch.cat([p.ids for p in parts]), expected.ids)
+
+
+def test_continual_stages_run_in_order_then_stop(store):
+    stages = [Stage(["seg"], 2), Stage(["pose"], 3)]
+    stream = SentenceStream(sampler(store), batch_size=8, stages=stages)
+    tasks = [set(batch.tasks) for batch in stream]
+    assert tasks == [{"seg"}] * 2 + [{"pose"}] * 3
+    with pytest.raises(DelvmError, match="stage tasks"):
+        SentenceStream(sampler(store), batch_size=8, stages=[Stage(["depth"], 1)])
+
+
+def test_bad_settings_are_clear_errors(store, tmp_path):
+    with pytest.raises(DelvmError, match="shorter than one example of task pose"):
+        sampler(store, seq_len=4)
+    with pytest.raises(DelvmError, match=r"task_weights: \['depth'\] not in the store"):
+        sampler(store, task_weights={"depth": 2.0})
+    with pytest.raises(DelvmError, match="every weight is 0"):
+        sampler(store, task_weights={"pose": 0.0, "seg": 0}).train_batch(0, 0, range(1), ["pose"])
+    with pytest.raises(DelvmError, match="leaves none for training"):
+        SentenceSampler(store, SamplerConfig(seq_len=32, val_fraction=0.99))
+
+    mixed = {"pairs": labelled_task(0, 4, 0), "clips": labelled_task(100, 4, 0, images=3)}
+    write_store(tmp_path / "mixed", mixed, IDENTITY, balance="none")
+    mixed_store = open_store(tmp_path / "mixed")
+    with pytest.raises(DelvmError, match="built with balance = 'none'"):
+        SentenceSampler(mixed_store, SamplerConfig(seq_len=24))
+    with pytest.raises(DelvmError, match="sentences of different lengths"):
+        SentenceSampler(mixed_store, SamplerConfig(seq_len=16, balance="none", val_fraction=0))
+    ok = SentenceSampler(mixed_store, SamplerConfig(seq_len=24, balance="none", val_fraction=0))
+    assert ok.examples_per_sentence == {"clips": 2, "pairs": 3}
+
+
+def test_the_trainer_trains_on_a_store(store, tmp_path):
+    from delvm.train.config import load_config
+    from delvm.train.trainer import Trainer
+
+    config = load_config(None, [
+        f"out={str(tmp_path / 'run')!r}", "steps=2", "micro_batch=2", "eval_every=2",
+        "checkpoint_every=2", "tensorboard=false", "data.seq_len=32",
+        "model.overrides={'embedding': 'learned', 'vocab_size': 16384, 'hidden_size': 16, "
+        "'intermediate_size': 32, 'num_heads': 2, 'num_layers': 1, 'max_seq_len': 32}",
+    ])  # fmt: skip
+    data = config.data
+    s = SentenceSampler(store, SamplerConfig(seq_len=data.seq_len, val_sentences=2))
+    Trainer(config, s).run()
+    assert (tmp_path / "run" / "log.jsonl").read_text().count('"loss"') >= 2

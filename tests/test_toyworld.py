@@ -1,0 +1,119 @@
+"""The toy world: deterministic, long-tailed, learnable examples of the paper's three tasks."""
+
+import json
+
+import numpy as np
+import pytest
+
+from delvm.cli import main
+from delvm.data.augment import AugmentConfig, augment_example
+from delvm.data.render import decode_skeleton
+from delvm.data.sources import SOURCES
+from delvm.data.toyworld import TASKS, ToyWorldConfig, iter_toyworld, toyworld_example
+from delvm.errors import DelvmError
+
+
+def pck(predicted, truth, alpha=0.2):
+    box = truth[:, :2].max(axis=0) - truth[:, :2].min(axis=0)
+    error = np.linalg.norm(predicted[:, :2] - truth[:, :2], axis=1)
+    return float(np.mean((predicted[:, 2] > 0) & (error <= alpha * box.max())))
+
+
+def test_defaults_are_long_tailed():
+    counts = ToyWorldConfig().counts()
+    assert counts["segmentation"] >= 20 * counts["pose"]
+    assert counts["segmentation"] >= 20 * counts["derain"]
+
+
+def test_deterministic_by_seed_and_index():
+    config = ToyWorldConfig(resolution=32, segmentation=3, pose=2, derain=2)
+    first, second = list(iter_toyworld(config)), list(iter_toyworld(config))
+    assert [e.task for e in first] == ["segmentation"] * 3 + ["pose"] * 2 + ["derain"] * 2
+    for a, b in zip(first, second, strict=True):
+        assert a.source == b.source
+        for x, y in zip(a.images, b.images, strict=True):
+            np.testing.assert_array_equal(x, y)
+    # Any example on its own equals its place in the stream.
+    np.testing.assert_array_equal(toyworld_example(config, "pose", 1).images[0], first[4].images[0])
+    other = toyworld_example(ToyWorldConfig(seed=1, resolution=32), "segmentation", 0)
+    assert not np.array_equal(other.images[0], first[0].images[0])
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 256])
+def test_examples_are_well_formed_at_any_resolution(resolution):
+    config = ToyWorldConfig(resolution=resolution)
+    for task in TASKS:
+        for index in range(3):
+            example = toyworld_example(config, task, index)
+            assert example.task == task and len(example.images) == 2
+            for image in example.images:
+                assert image.shape == (resolution, resolution, 3) and image.dtype == np.uint8
+
+
+def test_targets_are_never_blank_and_tasks_look_different():
+    config = ToyWorldConfig(resolution=64)
+    black = {task: [] for task in TASKS}
+    for task in TASKS:
+        for index in range(40):
+            example = toyworld_example(config, task, index)
+            source, target = example.images
+            black[task].append(np.mean(target.max(axis=2) == 0))
+            assert source.std() > 10  # never a flat image
+            if task == "segmentation":
+                colours = np.unique(target.reshape(-1, 3), axis=0)
+                assert 2 <= len(colours) <= 4  # black + 1..3 instances
+                for colour in colours[colours.max(axis=1) > 0]:
+                    assert np.mean((target == colour).all(axis=2)) >= 0.03  # large instances
+            elif task == "pose":
+                assert pck(decode_skeleton(target), example.keypoints[0]) == 1.0
+                assert (example.keypoints[0, :, :2] >= 0).all()
+                assert (example.keypoints[0, :, :2] < 64).all()
+            else:
+                streaks = np.abs(source.astype(int) - target).max(axis=2) > 30
+                assert 0.02 < streaks.mean() < 0.4  # bold but sparse rain
+                assert source[streaks].mean() > target[streaks].mean()  # rain is bright
+    # Segmentation maps mostly coloured, skeleton maps mostly black, derained photos not black.
+    assert np.mean(black["segmentation"]) < 0.8
+    assert np.mean(black["pose"]) > 0.6
+    assert np.mean(black["derain"]) < 0.05
+
+
+def test_augmented_pose_keeps_its_colour_code():
+    example = toyworld_example(ToyWorldConfig(resolution=128), "pose", 0)
+    out = augment_example(example, AugmentConfig(size=64, scale=(0.8, 1.0), hflip=1.0), seed=0)
+    visible = out.keypoints[0, :, 2] > 0
+    decoded = decode_skeleton(out.images[1])
+    assert visible.sum() >= 12
+    assert pck(decoded[visible], out.keypoints[0][visible]) == 1.0
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(DelvmError, match="resolution"):
+        ToyWorldConfig(resolution=16)
+    with pytest.raises(DelvmError, match="pose count"):
+        ToyWorldConfig(pose=-1)
+
+
+def test_cli_writes_paired_folders_the_paired_source_reads_back(tmp_path, capsys):
+    out = tmp_path / "world"
+    args = ["data", "toyworld", str(out), "--resolution", "32", "--seed", "3"]
+    assert main(args + ["--segmentation", "4", "--pose", "2", "--derain", "2"]) == 0
+    assert "segmentation 4, pose 2, derain 2" in capsys.readouterr().out
+    summary = json.loads((out / "toyworld.json").read_text())
+    config = ToyWorldConfig(seed=3, resolution=32, segmentation=4, pose=2, derain=2)
+    assert summary["config"] == vars(config)
+    for task in TASKS:
+        source = dict(summary["tasks"][task]["source"])
+        read = list(SOURCES[source.pop("format")](**source))
+        assert len(read) == config.counts()[task]
+        for index, example in enumerate(read):
+            original = toyworld_example(config, task, index)
+            assert example.task == task and example.meta["nearest"] == original.meta["nearest"]
+            for a, b in zip(example.images, original.images, strict=True):
+                np.testing.assert_array_equal(a, b)  # lossless PNG
+            if task == "pose":
+                np.testing.assert_allclose(example.keypoints, original.keypoints, atol=1e-3)
+                assert example.meta["skeleton"] == 1
+    # A second run into the same folder refuses instead of mixing two worlds.
+    assert main(args) == 2
+    assert "not empty" in capsys.readouterr().err
