@@ -1,0 +1,129 @@
+"""Task scores of a prompted model on held-out examples, next to trivial baselines.
+
+Each scorer takes `predict(pairs, queries) -> outputs` (a `VisualPrompter` call, or any function
+with that shape, e.g. an oracle in tests) and examples at the tokenizer's resolution
+(`delvm.data.augment.resize_example`). Support pairs are drawn from the other examples of the
+same task (for segmentation: of the query's class), seeded.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from delvm.data.example import Example
+from delvm.data.render import decode_skeleton
+from delvm.errors import DelvmError
+from delvm.scores import FoldIoU, coco_keypoint_ap, foreground_mask, pck, psnr_ssim, recognised
+
+Pair = tuple[np.ndarray, np.ndarray]
+Predict = Callable[[Sequence[Pair], Sequence[np.ndarray]], list[np.ndarray]]
+
+
+def _supports(
+    examples: Sequence[Example], index: int, shots: int, rng: np.random.Generator
+) -> list[Pair]:
+    others = [i for i in range(len(examples)) if i != index]
+    chosen = rng.choice(others, size=min(shots, len(others)), replace=False)
+    return [(examples[i].images[0], examples[i].images[1]) for i in chosen]
+
+
+def foreground_miou(
+    predict: Predict, examples: Sequence[Example], shots: int = 3, threshold: float = 0.25,
+    seed: int = 0,
+) -> dict:  # fmt: skip
+    """Pascal-5i protocol: supports of the query's class; IoU per class; mIoU over classes.
+
+    Returns the model's figures and the all-black baseline's (IoU 0 wherever truth exists).
+    """
+    by_class: dict[str, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_class[example.meta.get("class", example.task)].append(example)
+    rng = np.random.default_rng(seed)
+    model, black = FoldIoU(), FoldIoU()
+    names = sorted(by_class)
+    for class_index, name in enumerate(names):
+        group = by_class[name]
+        for i, query in enumerate(group):
+            output = predict(_supports(group, i, shots, rng), [query.images[0]])[0]
+            truth = query.images[1][..., 0] > 127
+            model.add(class_index, foreground_mask(output, threshold), truth)
+            black.add(class_index, np.zeros_like(truth), truth)
+    per_class = {names[c]: v for c, v in model.per_class().items()}
+    return {"miou": model.miou(), "per_class": per_class, "baseline_black_miou": black.miou()}
+
+
+def pose_scores(
+    predict: Predict, examples: Sequence[Example], shots: int = 3, seed: int = 0
+) -> dict:
+    """Keypoints decoded from generated skeleton maps: PCK@0.2 and COCO AP (one person each)."""
+    rng = np.random.default_rng(seed)
+    predicted, truth = [], []
+    for i, query in enumerate(examples):
+        output = predict(_supports(examples, i, shots, rng), [query.images[0]])[0]
+        predicted.append(decode_skeleton(output))
+        truth.append(query.keypoints[0])
+    predicted, truth = np.stack(predicted), np.stack(truth)
+    size = examples[0].images[0].shape[:2]
+    black = np.zeros_like(truth)  # an all-black map decodes to no joints at all
+    return {
+        "pck@0.2": pck(predicted, truth),
+        "coco_ap": coco_keypoint_ap(predicted, truth, size),
+        "baseline_black_pck@0.2": pck(black, truth),
+        "baseline_black_coco_ap": coco_keypoint_ap(black, truth, size),
+    }
+
+
+def derain_scores(
+    predict: Predict, examples: Sequence[Example], shots: int = 3, seed: int = 0
+) -> dict:
+    """PSNR / SSIM of outputs against clean images; baseline: the rainy input unchanged."""
+    rng = np.random.default_rng(seed)
+    outputs = [
+        predict(_supports(examples, i, shots, rng), [query.images[0]])[0]
+        for i, query in enumerate(examples)
+    ]
+    clean = [e.images[1] for e in examples]
+    model = psnr_ssim(outputs, clean)
+    baseline = psnr_ssim([e.images[0] for e in examples], clean)
+    return {
+        **model,
+        "baseline_input_psnr": baseline["psnr"],
+        "baseline_input_ssim": baseline["ssim"],
+    }
+
+
+def task_recognition(
+    predict: Predict, tasks: dict[str, Sequence[Example]], queries: int, shots: int = 3,
+    seed: int = 0,
+) -> dict:  # fmt: skip
+    """The paper's Figure 8 claim, measured: each query under every task's prompt; an output
+    counts when it is nearest to the prompted task's truth for that query.
+
+    ``tasks`` is a recognition set: example q of every task has the same input image (one query
+    with a ground truth per task); the other examples serve as supports.
+    """
+    rng = np.random.default_rng(seed)
+    names = sorted(tasks)
+    for q in range(queries):
+        first = tasks[names[0]][q].images[0]
+        if any(not np.array_equal(tasks[n][q].images[0], first) for n in names[1:]):
+            raise DelvmError(
+                f"task recognition: example {q} has different inputs across tasks; it needs one "
+                "query image with a ground truth for every task"
+            )
+    hits = total = 0
+    per_task = {name: 0 for name in names}
+    for q in range(queries):
+        query = tasks[names[0]][q].images[0]
+        truths = {name: tasks[name][q].images[1] for name in names}
+        outputs = {
+            name: predict(_supports(tasks[name], q, shots, rng), [query])[0] for name in names
+        }
+        for name, ok in recognised(outputs, truths).items():
+            per_task[name] += ok
+            hits += ok
+            total += 1
+    return {"accuracy": hits / total, "per_task": {n: per_task[n] / queries for n in names}}
