@@ -138,6 +138,9 @@ def test_continual_stages_write_a_task_by_stage_matrix(tmp_path):
     stages = json.loads((tmp_path / "run" / "stages.json").read_text())
     assert [s["stage"] for s in stages] == [0, 1]
     assert all(set(s["val"]) == {"segmentation", "pose"} for s in stages)
+    table = (tmp_path / "run" / "stages.md").read_text().splitlines()
+    assert table[0] == "| after stage (trained on) | pose | segmentation |"
+    assert table[3].startswith("| 2 (pose) | ")
 
 
 @pytest.mark.slow
@@ -185,3 +188,20 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, p
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     # Adam normalises tiny rounding differences of the two matmul splits into ~1e-6 steps.
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)
+
+
+def test_an_imported_hugging_face_folder_teaches(tmp_path):
+    """A Llama folder written by transformers (as LVM's release) as the KD teacher."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128,
+                            bos_token_id=None, eos_token_id=None)  # fmt: skip
+    LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "teacher")
+    config = tiny_config(
+        tmp_path / "run", "steps=2", f"distill.teacher={str(tmp_path / 'teacher')!r}"
+    )
+    Trainer(config, PatternSentences()).run()
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    kd = [r["loss_kd"] for r in records if "loss_kd" in r]
+    assert len(kd) == 2 and all(v > 0 for v in kd)

@@ -319,7 +319,22 @@ class Trainer:
                 signal.signal(sig, handler)
         if world.is_main and len(self.plan) > 1 and self.step == config.steps:
             (self.out / "stages.json").write_text(json.dumps(self.stage_results, indent=2))
+            (self.out / "stages.md").write_text(stage_matrix(self.stage_results, self.plan))
         return self.out
+
+
+def stage_matrix(results: list[dict], plan: list[tuple[int, int, list[str]]]) -> str:
+    """Paper Table 11: validation loss (whole sentence) of every task after every stage."""
+    tasks = sorted(results[0]["val"]) if results else []
+    lines = [
+        "| after stage (trained on) | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for result in results:
+        trained = ", ".join(plan[result["stage"]][2])
+        losses = [f"{result['val'][t]['sentence']['loss']:.4f}" for t in tasks]
+        lines.append(f"| {result['stage'] + 1} ({trained}) | " + " | ".join(losses) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _checkpointed(forward):
