@@ -30,7 +30,7 @@ import shutil
 import time
 import tomllib
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -376,7 +376,9 @@ class ShardWriter:
     The array is written before its JSON, so a shard whose JSON exists is complete.
     """
 
-    def __init__(self, stem: Path, encode, batch_size: int):
+    def __init__(
+        self, stem: Path, encode: Callable[[list[list[np.ndarray]]], np.ndarray], batch_size: int
+    ):
         self.stem, self.encode, self.batch_size = stem, encode, batch_size
         self.pending: list[list[np.ndarray]] = []
         self.tokens: list[np.ndarray] = []
