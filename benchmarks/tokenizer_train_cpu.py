@@ -41,8 +41,9 @@ def scene(rng: np.random.Generator, size: int = 64) -> Image.Image:
         elif kind == 1:
             draw.ellipse(box, fill=color)
         elif kind == 2:
-            draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])],
-                         fill=color)  # fmt: skip
+            draw.polygon(
+                [(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=color
+            )
         else:  # stripes
             step = int(rng.integers(4, 10))
             for x in range(box[0], box[2], step * 2):
@@ -72,19 +73,36 @@ def main() -> None:
         data = args.data or write_scenes(Path(tmp) / "scenes", args.images)
         out = args.out or Path(tmp) / "run"
         start = time.perf_counter()
-        code = delvm(["tokenizer", "train", "--data", str(data), "--out", str(out),
-                      "--preset", "cpu-64-f8-1024", "--steps", str(args.steps), *args.extra])  # fmt: skip
+        code = delvm(
+            [
+                "tokenizer",
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--preset",
+                "cpu-64-f8-1024",
+                "--steps",
+                str(args.steps),
+                *args.extra,
+            ]
+        )
         wall = time.perf_counter() - start
         if code:
             raise SystemExit(code)
         report = json.loads((out / "report.json").read_text())
     final = report["final"]
-    print("\n| data | steps | images seen | train time (s) | wall incl. eval (s) | held-out PSNR "
-          "(dB) | codes used | perplexity |")  # fmt: skip
+    print(
+        "\n| data | steps | images seen | train time (s) | wall incl. eval (s) | held-out PSNR "
+        "(dB) | codes used | perplexity |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     name = str(args.data) if args.data else f"{args.images} procedural 64 px scenes"
-    print(f"| {name} | {report['steps']} | {report['images_seen']} | {report['train_seconds']:.0f} "
-          f"| {wall:.0f} | {final['psnr']:.2f} | {final['used_codes']} | {final['perplexity']:.0f} |")  # fmt: skip
+    print(
+        f"| {name} | {report['steps']} | {report['images_seen']} | {report['train_seconds']:.0f} "
+        f"| {wall:.0f} | {final['psnr']:.2f} | {final['used_codes']} | {final['perplexity']:.0f} |"
+    )
 
 
 if __name__ == "__main__":

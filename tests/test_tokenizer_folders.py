@@ -27,12 +27,26 @@ from delvm.tokenizer.folders import (
 )
 
 TINY = VQGANConfig(
-    resolution=32, hidden_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-    attn_resolutions=(), no_attn_mid_block=True, z_channels=8, num_embeddings=64,
+    resolution=32,
+    hidden_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    no_attn_mid_block=True,
+    z_channels=8,
+    num_embeddings=64,
     quantized_embed_dim=8,
-)  # fmt: skip
-GOOD = ["a_rgba.png", "b_gray.png", "c_palette.gif", "d_16bit.png", "e_cmyk.jpg",
-        "f_exif_rotated.jpg", "g_wide.bmp", "sub/h_nested.webp"]  # fmt: skip
+)
+GOOD = [
+    "a_rgba.png",
+    "b_gray.png",
+    "c_palette.gif",
+    "d_16bit.png",
+    "e_cmyk.jpg",
+    "f_exif_rotated.jpg",
+    "g_wide.bmp",
+    "sub/h_nested.webp",
+]
 BAD = ["x_empty.png", "y_truncated.jpg", "z_text.png"]
 
 
@@ -162,8 +176,23 @@ def test_missing_and_empty_folders(tokenizer, tmp_path):
 
 def test_cli_encode_decode_reconstruct(tokenizer, images, tmp_path, capsys):
     tok = str(tokenizer)
-    assert main(["tokenizer", "encode", str(images), str(tmp_path / "t"), "--tokenizer", tok,
-                 "--batch-size", "4", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "tokenizer",
+                "encode",
+                str(images),
+                str(tmp_path / "t"),
+                "--tokenizer",
+                tok,
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"{len(GOOD)} images" in out and "skipped z_text.png" in out
     assert (
@@ -179,12 +208,34 @@ def test_cli_encode_decode_reconstruct(tokenizer, images, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys):
-    assert main(["tokenizer", "encode", str(tmp_path / "nope"), str(tmp_path / "o"),
-                 "--tokenizer", str(tokenizer)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "tokenizer",
+                "encode",
+                str(tmp_path / "nope"),
+                str(tmp_path / "o"),
+                "--tokenizer",
+                str(tokenizer),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("delvm: error: ") and "nope" in err and "\n" not in err
-    assert main(["tokenizer", "encode", str(tmp_path), str(tmp_path / "o"),
-                 "--tokenizer", str(tmp_path / "no-tokenizer")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "tokenizer",
+                "encode",
+                str(tmp_path),
+                str(tmp_path / "o"),
+                "--tokenizer",
+                str(tmp_path / "no-tokenizer"),
+            ]
+        )
+        == 2
+    )
     assert "no-tokenizer: not a tokenizer folder" in capsys.readouterr().err
 
 
@@ -193,10 +244,24 @@ def test_torchrun_two_ranks_write_two_shards(tokenizer, images, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "-m", "delvm.cli", "tokenizer", "encode",
-         str(images), str(tmp_path / "tokens"), "--tokenizer", str(tokenizer)],
-        check=True, env=env, capture_output=True, timeout=300,
-    )  # fmt: skip
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "delvm.cli",
+            "tokenizer",
+            "encode",
+            str(images),
+            str(tmp_path / "tokens"),
+            "--tokenizer",
+            str(tokenizer),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     shards = sorted(p.name for p in (tmp_path / "tokens").glob("*.json"))
     assert shards == ["tokens-00000-of-00002.json", "tokens-00001-of-00002.json"]
     ranks = [json.loads((tmp_path / "tokens" / s).read_text()) for s in shards]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +30,14 @@ from delvm.tokenizer.train import (
 )
 from delvm.train.distributed import World
 
-TINY_MODEL = {"resolution": 32, "channel_mult": (1, 2), "num_res_blocks": 1, "z_channels": 8,
-              "num_embeddings": 64, "quantized_embed_dim": 8}  # fmt: skip
+TINY_MODEL = {
+    "resolution": 32,
+    "channel_mult": (1, 2),
+    "num_res_blocks": 1,
+    "z_channels": 8,
+    "num_embeddings": 64,
+    "quantized_embed_dim": 8,
+}
 ONE = World(rank=0, size=1, device=torch.device("cpu"))
 
 
@@ -66,9 +76,19 @@ def vgg_files(tmp_path_factory) -> list[Path]:
 
 
 def config(scenes: Path, out: Path, **changes) -> TokenizerTrainConfig:
-    base = dict(data=str(scenes), out=str(out), model=TINY_MODEL, steps=4, batch_size=4,
-                warmup_steps=2, restart_every=2, val_images=4, eval_every=2,
-                checkpoint_every=2, log_every=1)  # fmt: skip
+    base = dict(
+        data=str(scenes),
+        out=str(out),
+        model=TINY_MODEL,
+        steps=4,
+        batch_size=4,
+        warmup_steps=2,
+        restart_every=2,
+        val_images=4,
+        eval_every=2,
+        checkpoint_every=2,
+        log_every=1,
+    )
     return recipe("cpu-64-f8-1024", **{**base, **changes})
 
 
@@ -98,8 +118,10 @@ def test_resume_equals_an_uninterrupted_run(scenes, vgg_files, tmp_path, monkeyp
     assert all(torch.equal(a[k], b[k]) for k in a)
     timeless = [{k: v for k, v in r["final"].items() if k != "seconds"} for r in (whole, resumed)]
     assert timeless[0] == timeless[1] and whole["fingerprint"] == resumed["fingerprint"]
-    disc = [torch.load(p / "checkpoints" / "step-000004" / "training_state.pt", weights_only=True)
-            for p in (tmp_path / "whole", tmp_path / "split")]  # fmt: skip
+    disc = [
+        torch.load(p / "checkpoints" / "step-000004" / "training_state.pt", weights_only=True)
+        for p in (tmp_path / "whole", tmp_path / "split")
+    ]
     assert torch.equal(disc[0]["counts"], disc[1]["counts"])
     logs = [
         json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()
@@ -194,14 +216,68 @@ def test_bad_files_in_the_training_folder_are_skipped(scenes, tmp_path):
 
 
 def test_cli_train_and_resume_message(scenes, tmp_path, capsys):
-    args = ["tokenizer", "train", "--data", str(scenes), "--out", str(tmp_path), "--steps", "2",
-            "--batch-size", "2", "--val-images", "2", "--model", "resolution=32",
-            "--model", "channel_mult=(1, 2)", "--model", "num_embeddings=32", "--no-hflip"]  # fmt: skip
+    args = [
+        "tokenizer",
+        "train",
+        "--data",
+        str(scenes),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--val-images",
+        "2",
+        "--model",
+        "resolution=32",
+        "--model",
+        "channel_mult=(1, 2)",
+        "--model",
+        "num_embeddings=32",
+        "--no-hflip",
+    ]
     assert main(args) == 0
     assert "held-out PSNR" in capsys.readouterr().out
     assert load_tokenizer(tmp_path / "tokenizer").num_codes == 32
     assert main([*args[:-1], "--hflip"]) == 2
     assert "written with hflip=False" in capsys.readouterr().err
+
+
+_DDP_SCRIPT = """
+import sys, torch
+from delvm.tokenizer.train import TokenizerTrainer, recipe
+out = sys.argv[1]
+config = recipe("cpu-64-f8-1024", data=sys.argv[2], out=out, model=%r, steps=3, batch_size=2,
+                val_images=2, restart_every=1, gan_weight=0.5, eval_every=3, checkpoint_every=3)
+trainer = TokenizerTrainer(config)
+trainer.run()
+torch.save(trainer.model.state_dict(), f"{out}/rank{trainer.world.rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_training_keeps_ranks_in_step(scenes, tmp_path):
+    """Two gloo ranks, GAN on, codes re-seeded every step: both ranks end with equal weights."""
+    script = tmp_path / "run.py"
+    script.write_text(_DDP_SCRIPT % (TINY_MODEL,))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    done = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", str(script), str(tmp_path), str(scenes)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    state = torch.load(
+        tmp_path / "checkpoints" / "step-000003" / "training_state.pt", weights_only=True
+    )
+    assert state["world_size"] == 2 and state["counts"].sum() == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["images_seen"] == 3 * 2 * 2
 
 
 # ---- losses and metrics ---------------------------------------------------------------------

@@ -10,7 +10,8 @@ from delvm.errors import DelvmError
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so importing delvm.cli stays cheap for code that only calls main().
-    from delvm import evaluate, export, prompting
+    from delvm import evaluate, experiments, export, prompting
+    from delvm.classify import cli as classify_cli
     from delvm.data import cli as data_cli
     from delvm.tokenizer import cli as tokenizer_cli
     from delvm.train import cli as train_cli
@@ -24,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.add_commands(sub)
     train_cli.add_commands(sub)
     evaluate.add_commands(sub)
+    experiments.add_commands(sub)
     prompting.add_commands(sub)
     export.add_commands(sub)
+    classify_cli.add_commands(sub)
     return parser
 
 

@@ -192,13 +192,19 @@ class Attention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        start: int,
+        causal: bool = True,
     ) -> Tensor:
         batch, length, hidden = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, Dh]
-        mask, causal = None, True
+        mask = None
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
             q = q.to(k.dtype)
@@ -249,9 +255,15 @@ class Block(nn.Module):
             self.mlp = GeluMLP(config)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, start: int = 0
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        causal: bool = True,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start, causal)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -347,8 +359,14 @@ class VisualLM(nn.Module):
         self.load_state_dict(state, strict=True, assign=True)
         self.init_rotary()  # derived tables: rebuilt for real even if built on the meta device
 
-    def hidden_states(self, x: Tensor, cache: KVCache | None = None, start: int = 0) -> Tensor:
-        """Run the trunk on embeddings x [B, T, hidden] at positions start..start+T-1."""
+    def hidden_states(
+        self, x: Tensor, cache: KVCache | None = None, start: int = 0, causal: bool = True
+    ) -> Tensor:
+        """Run the trunk on embeddings x [B, T, hidden] at positions start..start+T-1.
+
+        ``causal=False`` lets every position attend to every other (the classifier's
+        bidirectional option); generation always runs causally.
+        """
         end = start + x.shape[1]
         if end > self.config.max_seq_len:
             raise DelvmError(
@@ -356,7 +374,7 @@ class VisualLM(nn.Module):
             )
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         for block in self.blocks:
-            x = block(x, cos, sin, cache, start)
+            x = block(x, cos, sin, cache, start, causal)
         return self.norm(x)
 
     def forward(

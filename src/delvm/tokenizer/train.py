@@ -22,7 +22,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +47,14 @@ from delvm.train.state import checkpoint_dirs, read_training_state, rng_state, s
 STATE_NAME = "training_state.pt"
 DISC_NAME = "discriminator.safetensors"
 # Settings that may change between a run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = {"out", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "workers"}  # fmt: skip
+RESUMABLE_CHANGES = {
+    "out",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "workers",
+}
 
 
 @dataclass
@@ -99,14 +105,6 @@ class TokenizerTrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TokenizerTrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DelvmError(f"tokenizer training: unknown setting(s) {unknown}")
-        return cls(**data)
 
 
 # Per preset, the training settings it is meant to be trained with.
@@ -201,9 +199,11 @@ class TokenizerTrainer:
         self.model = VQGAN(preset(config.preset, **config.model)).to(self.device)
         self.ddp = self._wrap(self.model)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.lr, betas=config.betas,
+            self.model.parameters(),
+            lr=config.lr,
+            betas=config.betas,
             weight_decay=config.weight_decay,
-        )  # fmt: skip
+        )
         self.lpips = None
         if config.perceptual_weights and config.perceptual_weight > 0:
             self.lpips = LPIPS.from_files(config.perceptual_weights).to(self.device)
@@ -214,9 +214,11 @@ class TokenizerTrainer:
             ).to(self.device)
             self.disc_ddp = self._wrap(self.disc)
             self.disc_optimizer = torch.optim.AdamW(
-                self.disc.parameters(), lr=config.disc_lr or config.lr, betas=config.betas,
+                self.disc.parameters(),
+                lr=config.disc_lr or config.lr,
+                betas=config.betas,
                 weight_decay=config.weight_decay,
-            )  # fmt: skip
+            )
         use_bf16 = config.precision == "bf16" or (
             config.precision == "auto" and self.device.type == "cuda"
         )
@@ -273,8 +275,10 @@ class TokenizerTrainer:
             tmp.mkdir(parents=True)
             self.model.save_pretrained(tmp)
             if self.disc is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()},
-                          str(tmp / DISC_NAME))  # fmt: skip
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()},
+                    str(tmp / DISC_NAME),
+                )
             torch.save(self._state(), tmp / STATE_NAME)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -321,7 +325,8 @@ class TokenizerTrainer:
 
     def _batch(self, items: list) -> Tensor:
         """Readable images of a step as float [b, C, S, S], flipped per the step's seeded draw."""
-        flips = torch.rand(len(items), generator=_generator(self.config.seed, self.step, 1)) < 0.5
+        draw = _generator(self.config.seed, self.step, 1, self.world.rank)
+        flips = torch.rand(len(items), generator=draw) < 0.5
         images = []
         for (path, array, reason), flip in zip(items, flips.tolist(), strict=True):
             if array is None:
@@ -436,8 +441,11 @@ class TokenizerTrainer:
         self.model.train()
         if not scores:
             return {}
-        return {"psnr": float(torch.cat(scores).mean()), "images": sum(len(s) for s in scores),
-                **codebook_usage(counts)}  # fmt: skip
+        return {
+            "psnr": float(torch.cat(scores).mean()),
+            "images": sum(len(s) for s in scores),
+            **codebook_usage(counts),
+        }
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -457,13 +465,16 @@ class TokenizerTrainer:
                 f"{self.model.grid_size} tokens per {self.size} px image; "
                 f"{len(self.train_files)} training / {len(self.val_files)} held-out images"
             )
-        plan = BatchPlan(len(self.train_files), config.batch_size, world, config.seed,
-                         self.step, config.steps)  # fmt: skip
+        plan = BatchPlan(
+            len(self.train_files), config.batch_size, world, config.seed, self.step, config.steps
+        )
         loader = DataLoader(
-            SquareImages(self.train_files, self.size), batch_sampler=plan,
-            num_workers=config.workers, collate_fn=list,
+            SquareImages(self.train_files, self.size),
+            batch_sampler=plan,
+            num_workers=config.workers,
+            collate_fn=list,
             generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
-        )  # fmt: skip
+        )
         log = (self.out / "log.jsonl").open("a") if main else None
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=config.steps, initial=self.step, desc="train tokenizer", disable=not main)

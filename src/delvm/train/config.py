@@ -146,8 +146,11 @@ def apply_override(values: dict, override: str) -> None:
     node[leaf] = _parse_value(text.strip())
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a TOML training config (or the defaults) and apply ``section.key=value`` overrides."""
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), schema: type = TrainConfig
+) -> Any:
+    """Read a TOML config (or the defaults) into ``schema`` (a dataclass; default the LVM
+    trainer's) and apply ``section.key=value`` overrides."""
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -160,6 +163,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     for override in overrides:
         apply_override(values, override)
     try:
-        return _build(TrainConfig, values, str(path or "config"))
+        return _build(schema, values, str(path or "config"))
     except TypeError as err:
         raise DelvmError(f"{path or 'config'}: {err}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,9 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from delvm.checkpoint import save_weights
 from delvm.errors import DelvmError
-from delvm.model import ModelConfig
 
 STATE_NAME = "training_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -60,14 +59,17 @@ def save_training_checkpoint(
     out: Path,
     step: int,
     model: nn.Module,
-    config: ModelConfig,
     optimizer: torch.optim.Optimizer,
     extra: dict,
     is_main: bool,
     keep: int,
-    tokenizer_fingerprint: str | None,
+    write_weights: Callable[[dict[str, torch.Tensor], Path], None],
 ) -> Path | None:
-    """Gather full state on every rank (collective), write on rank 0, prune to ``keep``."""
+    """Gather full state on every rank (collective), write on rank 0, prune to ``keep``.
+
+    ``write_weights(state, folder)`` writes the model folder (the LVM's: `save_weights`; the
+    classifier's: its own format); the training state goes beside it.
+    """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
@@ -78,7 +80,7 @@ def save_training_checkpoint(
     tmp = root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(config, model_state, tmp, tokenizer_fingerprint)
+    write_weights(model_state, tmp)
     state = {"step": step, "optimizer": optim_state, "rng": rng_state(), **extra}
     torch.save(state, tmp / STATE_NAME)
     shutil.rmtree(final, ignore_errors=True)

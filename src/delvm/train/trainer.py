@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from delvm.checkpoint import load_model
+from delvm.checkpoint import load_model, save_weights
 from delvm.errors import DelvmError
 from delvm.metrics import TaskMetrics
 from delvm.model import ModelConfig, VisualLM, preset
@@ -188,9 +188,11 @@ class Trainer:
             "history": self.history,
             "stage_results": self.stage_results,
         }
+        fingerprint = self.source.tokenizer_fingerprint
         folder = save_training_checkpoint(
-            self.out, self.step, self.model, self.model_config, self.optimizer, extra,
-            self.world.is_main, self.config.keep_checkpoints, self.source.tokenizer_fingerprint,
+            self.out, self.step, self.model, self.optimizer, extra, self.world.is_main,
+            self.config.keep_checkpoints,
+            lambda state, tmp: save_weights(self.model_config, state, tmp, fingerprint),
         )  # fmt: skip
         barrier(self.world)
         return folder
