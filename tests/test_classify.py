@@ -1,7 +1,10 @@
 """Classification with the trunk: shapes, loading pretrained trunks, metrics, recipe, resume, input."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -249,15 +252,19 @@ def test_training_samples_are_deterministic_and_skip_unreadable_files(tmp_path):
 # ---- training -----------------------------------------------------------------------------------
 
 
-def tiny_run(out, *overrides) -> ClassifyConfig:
-    base = [
-        f"out={str(out)!r}", "steps=4", "batch=6", "workers=0", "checkpoint_every=2",
+def tiny_run_overrides() -> list[str]:
+    return [
+        "steps=4", "batch=6", "workers=0", "checkpoint_every=2",
         "eval_every=2", "log_every=1", "tensorboard=false", "model.preset='tiny'",
         "classifier.image_size=32", "classifier.patch_size=8", "data.toy.resolution=32",
         "data.toy.train=60", "data.toy.val=12", "data.crop_scale=[0.35, 1.0]",
         "optim.lr=3e-3", "optim.warmup_ratio=0.25", "recipe.mixup_alpha=0.8",
     ]  # fmt: skip
-    return load_config(None, base + list(overrides), schema=ClassifyConfig)
+
+
+def tiny_run(out, *overrides) -> ClassifyConfig:
+    settings = [f"out={str(out)!r}", *tiny_run_overrides(), *overrides]
+    return load_config(None, settings, schema=ClassifyConfig)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
@@ -319,8 +326,20 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text(f'out = "{tmp_path / "two"}"\n')
     overrides = [o for o in tiny_run_overrides() + settings if not o.startswith("out=")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--standalone", "-m", "delvm.cli", "classify", "train", str(config), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        "-m",
+        "delvm.cli",
+        "classify",
+        "train",
+        str(config),
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
