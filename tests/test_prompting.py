@@ -11,28 +11,12 @@ from delvm.errors import DelvmError
 from delvm.generate import SamplingConfig
 from delvm.model import VisualLM, preset
 from delvm.prompting import VisualPrompter, save_grid
-from delvm.tokenizer import VQGAN, VQGANConfig
-
-TOKENIZER = VQGANConfig(
-    resolution=32,
-    hidden_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(),
-    no_attn_mid_block=True,
-    z_channels=8,
-    num_embeddings=64,
-    quantized_embed_dim=8,
-)  # fmt: skip  -> 16 x 16 tokens per 32 px image
+from tests.support.tiny import tiny_tokenizer_and_model
 
 
 @pytest.fixture(scope="module")
 def parts():
-    torch.manual_seed(0)
-    tokenizer = VQGAN(TOKENIZER).eval()
-    config = preset("tiny", vocab_size=64, codebook_dim=8, max_seq_len=256 * 6)
-    model = VisualLM(config, codebook=tokenizer.codebook.detach()).eval()
-    return tokenizer, model
+    return tiny_tokenizer_and_model()
 
 
 def images(n, seed=0):

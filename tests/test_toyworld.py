@@ -9,7 +9,13 @@ from delvm.cli import main
 from delvm.data.augment import AugmentConfig, augment_example
 from delvm.data.render import decode_skeleton
 from delvm.data.sources import SOURCES
-from delvm.data.toyworld import TASKS, ToyWorldConfig, iter_toyworld, toyworld_example
+from delvm.data.toyworld import (
+    TASKS,
+    ToyWorldConfig,
+    iter_toyworld,
+    recognition_set,
+    toyworld_example,
+)
 from delvm.errors import DelvmError
 
 
@@ -117,3 +123,36 @@ def test_cli_writes_paired_folders_the_paired_source_reads_back(tmp_path, capsys
     # A second run into the same folder refuses instead of mixing two worlds.
     assert main(args) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_mixed_scenes_share_one_input_with_a_truth_per_task():
+    scenes = recognition_set(ToyWorldConfig(resolution=64), 6)
+    assert sorted(scenes) == sorted(TASKS)
+    for i in range(6):
+        query = scenes["segmentation"][i].images[0]
+        assert all(np.array_equal(scenes[t][i].images[0], query) for t in TASKS)
+        segmentation, pose, clean = (scenes[t][i].images[1] for t in TASKS)
+        # The rain is the difference between the input and the clean truth.
+        assert np.abs(query.astype(int) - clean).mean() > 2
+        # Every joint lies on a segmented pixel (the figure is an instance) and decodes back.
+        keypoints = scenes["pose"][i].keypoints[0]
+        x, y = np.clip(keypoints[:, :2].astype(int), 0, 63).T
+        assert segmentation[y, x].any(axis=1).all()
+        assert pose.any(axis=2).mean() < segmentation.any(axis=2).mean()
+    again = recognition_set(ToyWorldConfig(resolution=64), 2)
+    assert np.array_equal(again["pose"][1].images[0], scenes["pose"][1].images[0])
+
+
+def test_mixed_share_changes_only_the_examples_it_draws():
+    plain, mixed = ToyWorldConfig(), ToyWorldConfig(mixed=0.5)
+    changed = 0
+    for task in TASKS:
+        for index in range(20):
+            a, b = toyworld_example(plain, task, index), toyworld_example(mixed, task, index)
+            same = all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True))
+            changed += not same
+            if not same:  # a mixed input holds a figure and rain, whatever the task
+                assert b.task == task and b.images[1].shape == a.images[1].shape
+    assert 15 <= changed <= 45  # about half of 60
+    with pytest.raises(DelvmError, match="mixed"):
+        ToyWorldConfig(mixed=1.5)

@@ -10,7 +10,7 @@ from delvm.errors import DelvmError
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so importing delvm.cli stays cheap for code that only calls main().
-    from delvm import evaluate, experiments, export, prompting
+    from delvm import evaluate, experiments, export, prompting, serve
     from delvm.classify import cli as classify_cli
     from delvm.data import cli as data_cli
     from delvm.tokenizer import cli as tokenizer_cli
@@ -20,13 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="delvm", description="Data-efficient autoregressive Large Vision Models."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # In pipeline order: tokenize, build data, train, evaluate, prompt, hand over.
+    # In pipeline order: tokenize, build data, train, evaluate, prompt, serve, hand over.
     tokenizer_cli.add_commands(sub)
     data_cli.add_commands(sub)
     train_cli.add_commands(sub)
     evaluate.add_commands(sub)
     experiments.add_commands(sub)
     prompting.add_commands(sub)
+    serve.add_commands(sub)
     export.add_commands(sub)
     classify_cli.add_commands(sub)
     return parser

@@ -110,8 +110,8 @@ class VisualPrompter:
         return self._images(self.continue_ids(ids, self.image_tokens, sampling))[0]
 
 
-def save_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 4) -> Path:
-    """Write rows of equal-size images as one PNG grid (e.g. examples | query | output)."""
+def make_grid(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
+    """Rows of equal-size images as one image on white (e.g. examples | query | output)."""
     height, width = rows[0][0].shape[:2]
     columns = max(len(r) for r in rows)
     canvas = np.full(
@@ -121,7 +121,12 @@ def save_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 4) -> P
         for c, image in enumerate(row):
             y, x = r * (height + gap), c * (width + gap)
             canvas[y : y + height, x : x + width] = image
-    Image.fromarray(canvas).save(path)
+    return canvas
+
+
+def save_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 4) -> Path:
+    """Write `make_grid(rows, gap)` as a PNG."""
+    Image.fromarray(make_grid(rows, gap)).save(path)
     return Path(path)
 
 

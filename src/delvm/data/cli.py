@@ -41,6 +41,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             metavar="N",
             help=f"{task} examples (default {getattr(defaults, task)})",
         )
+    toy.add_argument(
+        "--mixed",
+        type=float,
+        metavar="SHARE",
+        help="share of each task's examples drawn as a mixed scene (shapes, a figure and rain in "
+        f"one input), which makes the prompt the only cue to the task (default {defaults.mixed})",
+    )
     toy.set_defaults(func=_toyworld)
 
     # `delvm data build` and `delvm data inspect` (token store) register here.

@@ -40,13 +40,16 @@ NEAREST_TARGET = {"segmentation": True, "pose": True, "derain": False}
 
 @dataclass(frozen=True)
 class ToyWorldConfig:
-    """seed: the world's seed; resolution: image side in pixels; the rest: examples per task."""
+    """seed: the world's seed; resolution: image side in pixels; segmentation, pose, derain:
+    examples per task; mixed: the share of each task's examples drawn as a mixed scene (shapes, a
+    figure and rain in one input; see `mixed_scene`)."""
 
     seed: int = 0
     resolution: int = 64
     segmentation: int = 2000
     pose: int = 100
     derain: int = 100
+    mixed: float = 0.0
 
     def __post_init__(self) -> None:
         if not 32 <= self.resolution <= 1024:
@@ -54,6 +57,8 @@ class ToyWorldConfig:
         for task in TASKS:
             if getattr(self, task) < 0:
                 raise DelvmError(f"toyworld {task} count {getattr(self, task)}: must be >= 0")
+        if not 0 <= self.mixed <= 1:
+            raise DelvmError(f"toyworld mixed = {self.mixed}: use a share between 0 and 1")
 
     def counts(self) -> dict[str, int]:
         return {task: getattr(self, task) for task in TASKS}
@@ -151,14 +156,19 @@ def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     return inside
 
 
-def _segmentation(rng: np.random.Generator, size: int) -> Example:
-    base = rng.uniform(30, 200, 3)
-    background = _texture(rng, size, base, np.clip(base + rng.uniform(-35, 35, 3), 0, 255))
-    mean = background.reshape(-1, 3).mean(axis=0)
-    # Every instance keeps >= 3 % of the image after occlusion. Any single shape does (centres
-    # and radii keep it mostly inside), so the first always fits and no scene is empty.
+def _paint_shapes(
+    rng: np.random.Generator, image: np.ndarray, wanted: int, keep: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Paint up to `wanted` shapes onto `image` (float, in place); return their visible masks.
+
+    Every instance keeps >= 3 % of the image after occlusion. Any single shape does (centres
+    and radii keep it mostly inside), so the first always fits and no scene is empty. Pixels in
+    `keep` (a figure to be painted later) do not count as visible.
+    """
+    size = image.shape[0]
+    mean = image.reshape(-1, 3).mean(axis=0)
     min_area = 0.03 * size * size
-    wanted = int(rng.integers(1, 4))
+    hidden = np.zeros((size, size), dtype=bool) if keep is None else keep
     masks: list[np.ndarray] = []
     fills: list[np.ndarray] = []
     for _attempt in range(5 * wanted):
@@ -166,7 +176,7 @@ def _segmentation(rng: np.random.Generator, size: int) -> Example:
             break
         shape = _shape_mask(rng, size)
         # Later shapes lie on top: earlier instances lose what the new one covers.
-        visible = [m & ~shape for m in masks] + [shape]
+        visible = [m & ~shape for m in masks] + [shape & ~hidden]
         if all(np.count_nonzero(m) >= min_area for m in visible):
             masks = visible
             colour = _colour(rng, mean)
@@ -174,9 +184,15 @@ def _segmentation(rng: np.random.Generator, size: int) -> Example:
                 fills.append(_texture(rng, size, colour, _colour(rng, colour)))
             else:
                 fills.append(np.broadcast_to(colour, (size, size, 3)))
-    image = background.copy()
     for mask, fill in zip(masks, fills, strict=True):
         image[mask] = fill[mask]
+    return masks
+
+
+def _segmentation(rng: np.random.Generator, size: int) -> Example:
+    base = rng.uniform(30, 200, 3)
+    image = _texture(rng, size, base, np.clip(base + rng.uniform(-35, 35, 3), 0, 255))
+    masks = _paint_shapes(rng, image, wanted=int(rng.integers(1, 4)))
     target = render_instances(masks, seed=int(rng.integers(2**32)))
     return Example("segmentation", [_to_uint8(image), target], "", meta={"nearest": [False, True]})
 
@@ -246,26 +262,50 @@ BODY_PARTS = (
 )
 
 
-def _pose(rng: np.random.Generator, size: int) -> Example:
+def _pose_background(rng: np.random.Generator, size: int) -> np.ndarray:
     if rng.random() < 0.5:
         background = _texture(rng, size, _colour(rng), _colour(rng))
     else:
         photo = _photo_crop(rng, size)
         background = 0.5 * photo + 0.5 * photo.mean(axis=(0, 1))  # dimmed so the figure stands out
-    background = 0.6 * background + 0.4 * background.mean()  # low contrast either way
-    mean = background.reshape(-1, 3).mean(axis=0)
-    joints, unit = _place(rng, _figure(rng), size, margin=size / 12)
-    body, skin = _colour(rng, mean, 150), _colour(rng, mean, 150)
-    image = background.copy()
+    return 0.6 * background + 0.4 * background.mean()  # low contrast either way
+
+
+def _figure_masks(joints: np.ndarray, unit: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The figure's body (torso and limbs) and skin (neck and head) masks."""
+    body, skin = np.zeros((size, size)), np.zeros((size, size))
     hips = (joints[11] + joints[12]) / 2
     shoulders = (joints[5] + joints[6]) / 2
-    paint_capsule(image, shoulders, hips, 0.75 * unit, body)
+    paint_capsule(body, shoulders, hips, 0.75 * unit, 1.0)
     for a, b in BODY_PARTS:
-        paint_capsule(image, joints[a], joints[b], 0.3 * unit, body)
+        paint_capsule(body, joints[a], joints[b], 0.3 * unit, 1.0)
     head = joints[[1, 2, 3, 4]].mean(axis=0)
-    paint_capsule(image, shoulders, head, 0.25 * unit, skin)
-    paint_capsule(image, head, head, 0.6 * unit, skin)
+    paint_capsule(skin, shoulders, head, 0.25 * unit, 1.0)
+    paint_capsule(skin, head, head, 0.6 * unit, 1.0)
+    skin = skin > 0
+    return (body > 0) & ~skin, skin
+
+
+def _place_figure(rng: np.random.Generator, size: int) -> tuple[np.ndarray, float]:
+    """A figure's joints in pixels and its body unit."""
+    return _place(rng, _figure(rng), size, margin=size / 12)
+
+
+def _paint_figure(
+    rng: np.random.Generator, image: np.ndarray, joints: np.ndarray, unit: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paint the figure onto `image` (float, in place); return its keypoints [1, 17, 3] and mask."""
+    mean = image.reshape(-1, 3).mean(axis=0)
+    body, skin = _figure_masks(joints, unit, image.shape[0])
+    image[body] = _colour(rng, mean, 150)
+    image[skin] = _colour(rng, mean, 150)
     keypoints = np.concatenate([joints, np.full((len(joints), 1), 2.0)], axis=1)[None]
+    return keypoints, body | skin
+
+
+def _pose(rng: np.random.Generator, size: int) -> Example:
+    image = _pose_background(rng, size)
+    keypoints, _ = _paint_figure(rng, image, *_place_figure(rng, size))
     target = render_skeleton(keypoints, size, size)
     return Example(
         "pose",
@@ -294,25 +334,89 @@ def _rain(rng: np.random.Generator, size: int) -> np.ndarray:
     return layer
 
 
+def _add_rain(rng: np.random.Generator, clean: np.ndarray) -> np.ndarray:
+    alpha = _rain(rng, clean.shape[0])[..., None] * rng.uniform(0.7, 0.95)
+    return clean * (1 - alpha) + rng.uniform(215, 255) * alpha
+
+
 def _derain(rng: np.random.Generator, size: int) -> Example:
     if rng.random() < 0.7:
         clean = _photo_crop(rng, size)
     else:
         clean = _texture(rng, size, _colour(rng), _colour(rng))
-    alpha = _rain(rng, size)[..., None] * rng.uniform(0.7, 0.95)
-    rainy = clean * (1 - alpha) + rng.uniform(215, 255) * alpha
     return Example(
-        "derain", [_to_uint8(rainy), _to_uint8(clean)], "", meta={"nearest": [False, False]}
+        "derain",
+        [_to_uint8(_add_rain(rng, clean)), _to_uint8(clean)],
+        "",
+        meta={"nearest": [False, False]},
     )
 
 
+# --- mixed scenes -------------------------------------------------------------------------------
+
+
+def mixed_scene(rng: np.random.Generator, size: int) -> dict[str, Example]:
+    """One rainy scene holding shapes and a figure, with a ground truth for every task.
+
+    Its input fits every task, so only a prompt's examples can say which answer is wanted: these
+    scenes teach a model to read the task from the prompt, and they are the task-recognition
+    set's queries. Segmentation's instances are the shapes and the figure.
+    """
+    image = _pose_background(rng, size)
+    joints, unit = _place_figure(rng, size)
+    body, skin = _figure_masks(joints, unit, size)
+    # The figure stands in front: shapes count only what it leaves visible.
+    shapes = _paint_shapes(rng, image, wanted=int(rng.integers(1, 3)), keep=body | skin)
+    keypoints, figure = _paint_figure(rng, image, joints, unit)
+    rainy = _to_uint8(_add_rain(rng, image))
+    segmentation = render_instances([*shapes, figure], seed=int(rng.integers(2**32)))
+    targets = {
+        "segmentation": segmentation,
+        "pose": render_skeleton(keypoints, size, size),
+        "derain": _to_uint8(image),
+    }
+    return {
+        task: Example(
+            task,
+            [rainy, target],
+            "",
+            keypoints=keypoints if task == "pose" else None,
+            meta={
+                "nearest": [False, NEAREST_TARGET[task]],
+                **({"skeleton": 1} if task == "pose" else {}),
+            },
+        )
+        for task, target in targets.items()
+    }
+
+
 GENERATORS = {"segmentation": _segmentation, "pose": _pose, "derain": _derain}
+MIXED_STREAM, RECOGNITION_STREAM = 101, 102
+
+
+def recognition_set(config: ToyWorldConfig, count: int) -> dict[str, list[Example]]:
+    """`count` mixed scenes, each with one example per task sharing its input: the queries (and
+    supports) of task recognition. Scene i depends on (seed, i) only."""
+    scenes = [
+        mixed_scene(np.random.default_rng([config.seed, RECOGNITION_STREAM, i]), config.resolution)
+        for i in range(count)
+    ]
+    for i, scene in enumerate(scenes):
+        for example in scene.values():
+            example.source = f"toyworld/recognition/{i:06d}"
+    return {task: [scene[task] for scene in scenes] for task in TASKS}
 
 
 def toyworld_example(config: ToyWorldConfig, task: str, index: int) -> Example:
     """Example `index` of `task`: depends on (seed, task, index) only."""
     rng = np.random.default_rng([config.seed, TASKS.index(task), index])
-    example = GENERATORS[task](rng, config.resolution)
+    # A stream of its own decides "mixed", so mixed = 0 leaves every other example as it was.
+    if np.random.default_rng([config.seed, MIXED_STREAM, TASKS.index(task), index]).random() < (
+        config.mixed
+    ):
+        example = mixed_scene(rng, config.resolution)[task]
+    else:
+        example = GENERATORS[task](rng, config.resolution)
     example.source = f"toyworld/{task}/{index:06d}"
     return example
 

@@ -1,0 +1,97 @@
+"""`delvm serve`: the page end to end in a headless Chromium, and its upload limits."""
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from delvm.prompting import VisualPrompter
+from delvm.serve import UPLOAD, UploadLimits, build_app, launch, on_generate, toyworld_examples
+from tests.support.tiny import tiny_tokenizer_and_model
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prompter():
+    return VisualPrompter(*tiny_tokenizer_and_model())
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return toyworld_examples(32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_browser() -> None:
+    """CI (DELVM_REQUIRE_BROWSER=1) must run the browser test; elsewhere it may skip."""
+    if CHROMIUM.is_file():
+        return
+    if os.environ.get("DELVM_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+
+
+def test_page_generates_from_preloaded_examples(prompter, examples):
+    require_browser()
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    limits = UploadLimits()
+    app = build_app(prompter, examples, limits)
+    port = free_port()
+    launch(app, limits, port=port, block=False)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            # Not "load": that would wait on web fonts the page may fail to reach offline.
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.locator("#source input").click()
+            page.get_by_role("option", name="pose").click()
+            page.locator("#generate").click()
+            image = page.locator("#output img")
+            image.wait_for(timeout=60_000)
+            page.wait_for_function(
+                "() => document.querySelector('#output img').naturalWidth > 0", timeout=60_000
+            )
+            size = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            grid = page.locator("#grid img").evaluate("img => img.naturalWidth")
+            browser.close()
+    finally:
+        app.close()
+    assert size == [32, 32]
+    assert grid == 6 * 32 + 5 * 4  # two pairs (all the tiny context holds), query, output
+
+
+def test_oversized_uploads_are_refused(prompter, examples, tmp_path):
+    gr = pytest.importorskip("gradio")
+    small, wide = tmp_path / "small.png", tmp_path / "wide.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(small)
+    Image.fromarray(np.zeros((8, 5000, 3), np.uint8)).save(wide)
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    greedy = ("greedy", 1.0, 0, 1.0, 0)
+
+    def run(limits, query, *files):
+        return on_generate(prompter, examples, limits, UPLOAD, str(query), *greedy, *files)
+
+    with pytest.raises(gr.Error, match="query image: .* MB is over the .* MB upload limit"):
+        run(UploadLimits(max_bytes=10), small, small, small)
+    with pytest.raises(gr.Error, match="example 1 output: 5000x8 px is over the 4096 px"):
+        run(UploadLimits(), small, str(small), str(wide))
+    with pytest.raises(gr.Error, match="query image: not a readable image"):
+        run(UploadLimits(), tmp_path / "junk.png")
+    with pytest.raises(gr.Error, match="upload both"):
+        run(UploadLimits(), small, str(small), None)
+    output, grid = run(UploadLimits(), small, str(small), str(small))
+    assert output.shape == (32, 32, 3) and grid.shape == (32, 3 * 32 + 2 * 4 + 32 + 4, 3)
