@@ -8,8 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from delvm.checkpoint import save_model
+from delvm.cli import main
+from delvm.errors import DelvmError
 from delvm.prompting import VisualPrompter
-from delvm.serve import UPLOAD, UploadLimits, build_app, launch, on_generate, toyworld_examples
+from delvm.serve import (
+    UPLOAD,
+    UploadLimits,
+    build_app,
+    folder_examples,
+    launch,
+    on_generate,
+    toyworld_examples,
+)
 from tests.support.tiny import tiny_tokenizer_and_model
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -21,7 +32,8 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="module")
 def prompter():
-    return VisualPrompter(*tiny_tokenizer_and_model())
+    tokenizer, model = tiny_tokenizer_and_model()
+    return VisualPrompter(model, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +56,8 @@ def require_browser() -> None:
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
 
 
+# gradio's queue trips pandas 3 deprecation warnings; not ours to fix.
+@pytest.mark.filterwarnings("ignore:::gradio.queueing")
 def test_page_generates_from_preloaded_examples(prompter, examples):
     require_browser()
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
@@ -59,6 +73,7 @@ def test_page_generates_from_preloaded_examples(prompter, examples):
             page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
             page.locator("#source input").click()
             page.get_by_role("option", name="pose").click()
+            chosen = page.locator("#source input").input_value()
             page.locator("#generate").click()
             image = page.locator("#output img")
             image.wait_for(timeout=60_000)
@@ -70,7 +85,7 @@ def test_page_generates_from_preloaded_examples(prompter, examples):
             browser.close()
     finally:
         app.close()
-    assert size == [32, 32]
+    assert chosen == "pose" and size == [32, 32]
     assert grid == 6 * 32 + 5 * 4  # two pairs (all the tiny context holds), query, output
 
 
@@ -94,4 +109,30 @@ def test_oversized_uploads_are_refused(prompter, examples, tmp_path):
     with pytest.raises(gr.Error, match="upload both"):
         run(UploadLimits(), small, str(small), None)
     output, grid = run(UploadLimits(), small, str(small), str(small))
-    assert output.shape == (32, 32, 3) and grid.shape == (32, 3 * 32 + 2 * 4 + 32 + 4, 3)
+    assert output.shape == (32, 32, 3) and grid.shape == (32, 4 * 32 + 3 * 4, 3)
+
+
+def test_examples_folder_pairs_inputs_with_targets_by_name(prompter, tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):  # c has no target: not a pair
+        for side in ("input", "target") if name != "c" else ("input",):
+            (tmp_path / "pose" / side).mkdir(parents=True, exist_ok=True)
+            image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "pose" / side / f"{name}.png")
+    (tmp_path / "empty" / "input").mkdir(parents=True)
+    examples = folder_examples(tmp_path, 32)
+    assert list(examples) == ["pose"] and len(examples["pose"].pairs) == 1
+    assert examples["pose"].query.shape == (32, 32, 3)
+    with pytest.raises(DelvmError, match="no task folders"):
+        folder_examples(tmp_path / "empty", 32)
+
+
+def test_serve_cli_reports_a_bad_examples_folder(prompter, tmp_path, capsys):
+    prompter.tokenizer.save_pretrained(tmp_path / "tok")
+    save_model(
+        prompter.model, tmp_path / "ckpt", tokenizer_fingerprint=prompter.tokenizer.fingerprint()
+    )
+    (tmp_path / "none").mkdir()
+    args = ["serve", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok")]
+    assert main([*args, "--examples", str(tmp_path / "none")]) == 2
+    assert "no task folders" in capsys.readouterr().err
