@@ -10,7 +10,7 @@ from delvm.errors import DelvmError
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so importing delvm.cli stays cheap for code that only calls main().
-    from delvm import evaluate, experiments, export, prompting, serve
+    from delvm import demo, evaluate, experiments, export, prompting, serve
     from delvm.classify import cli as classify_cli
     from delvm.data import cli as data_cli
     from delvm.tokenizer import cli as tokenizer_cli
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_commands(sub)
     export.add_commands(sub)
     classify_cli.add_commands(sub)
+    demo.add_commands(sub)
     return parser
 
 

@@ -48,7 +48,7 @@ def foreground_miou(
         group = by_class[name]
         for i, query in enumerate(group):
             output = predict(_supports(group, i, shots, rng), [query.images[0]])[0]
-            truth = query.images[1][..., 0] > 127
+            truth = query.images[1].max(axis=2) > 127  # white, or any instance colour
             model.add(class_index, foreground_mask(output, threshold), truth)
             black.add(class_index, np.zeros_like(truth), truth)
     per_class = {names[c]: v for c, v in model.per_class().items()}

@@ -48,7 +48,7 @@ from delvm.train.state import (
     restore_training_state,
     save_training_checkpoint,
 )
-from delvm.train.trainer import _Logger
+from delvm.train.trainer import RunLogger
 
 
 @dataclass
@@ -306,7 +306,7 @@ class ClassifierTrainer:
         config, world = self.config, self.world
         self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
-        logger = _Logger(self.out, world.is_main, config.tensorboard)
+        logger = RunLogger(self.out, world.is_main, config.tensorboard)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         per_rank = config.batch // world.size
         rows = range(world.rank * per_rank, (world.rank + 1) * per_rank)

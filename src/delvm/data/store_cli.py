@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 
 from delvm.errors import DelvmError
-from delvm.tokenizer.cli import _device  # one device rule for every tokenizing verb
+from delvm.tokenizer.cli import device_for  # one device rule for every tokenizing verb
 
 
 def _build(args: argparse.Namespace) -> None:
     from delvm.data.store import build_store, format_report, load_build_config
 
     config = load_build_config(args.config, out=args.out, tokenizer=args.tokenizer)
-    report = build_store(config, _device(args.device))
+    report = build_store(config, device_for(args.device))
     if int(os.environ.get("RANK", 0)) == 0:
         seconds = report["seconds"]
         print(format_report(report))
@@ -44,7 +44,7 @@ def _inspect(args: argparse.Namespace) -> None:
     from delvm.prompting import save_grid
     from delvm.tokenizer import load_tokenizer
 
-    model = load_tokenizer(folder, _device(args.device))
+    model = load_tokenizer(folder, device_for(args.device))
     if model.fingerprint() != store.fingerprint:
         raise DelvmError(
             f"{folder}: tokenizer {model.fingerprint()} is not the one the store was built with "

@@ -32,7 +32,7 @@ _TRAIN_HELP = {
 }
 
 
-def _device(name: str) -> torch.device:
+def device_for(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -110,7 +110,7 @@ def _print_skipped(skipped: list[dict]) -> None:
 
 def _encode(args: argparse.Namespace) -> None:
     shard = Shard.from_env()
-    model = load_tokenizer(args.tokenizer, _device(args.device))
+    model = load_tokenizer(args.tokenizer, device_for(args.device))
     m = encode_folder(model, args.source, args.out, args.batch_size, args.workers, shard, args.bf16)
     print(
         f"rank {shard.rank}/{shard.world_size}: {len(m['files'])} images -> "
@@ -121,14 +121,14 @@ def _encode(args: argparse.Namespace) -> None:
 
 def _decode(args: argparse.Namespace) -> None:
     shard = Shard.from_env()
-    model = load_tokenizer(args.tokenizer, _device(args.device))
+    model = load_tokenizer(args.tokenizer, device_for(args.device))
     count = decode_tokens(model, args.source, args.out, args.batch_size, shard, args.bf16)
     print(f"rank {shard.rank}/{shard.world_size}: {count} images -> {args.out}")
 
 
 def _reconstruct(args: argparse.Namespace) -> None:
     shard = Shard.from_env()
-    model = load_tokenizer(args.tokenizer, _device(args.device))
+    model = load_tokenizer(args.tokenizer, device_for(args.device))
     r = reconstruct_folder(
         model, args.source, args.out, args.batch_size, args.workers, shard, args.bf16
     )

@@ -83,6 +83,10 @@ class TokenizerTrainConfig:
     disc_width: int = 64
     disc_layers: int = 3
     hflip: bool = True  # random horizontal flips
+    # Train on random crops of this side (a multiple of the downsampling factor; 0: whole
+    # images). The networks are convolutional, so crops train the same weights at a fraction of
+    # the cost per image: half-side crops give 4x the steps in the same time.
+    crop: int = 0
     val_images: int = 256  # held out (chosen by a hash of the file name), never trained on
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -225,6 +229,12 @@ class TokenizerTrainer:
         self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=use_bf16)
 
         self.size = self.model.config.resolution
+        factor = self.model.config.downsample_factor
+        if config.crop and (config.crop % factor or not factor <= config.crop <= self.size):
+            raise DelvmError(
+                f"tokenizer training: crop {config.crop} must be a multiple of {factor} "
+                f"(the downsampling factor) between {factor} and {self.size}, or 0 for none"
+            )
         root = Path(config.data)
         files = list_images(root)
         self.train_files, self.val_files = split_held_out(files, root, config.val_images)
@@ -327,13 +337,18 @@ class TokenizerTrainer:
         """Readable images of a step as float [b, C, S, S], flipped per the step's seeded draw."""
         draw = _generator(self.config.seed, self.step, 1, self.world.rank)
         flips = torch.rand(len(items), generator=draw) < 0.5
+        crop = self.config.crop or self.size
+        corners = torch.randint(self.size - crop + 1, (len(items), 2), generator=draw)
         images = []
-        for (path, array, reason), flip in zip(items, flips.tolist(), strict=True):
+        for (path, array, reason), flip, (top, left) in zip(
+            items, flips.tolist(), corners.tolist(), strict=True
+        ):
             if array is None:
                 if str(path) not in self.skipped and self.world.is_main:
                     tqdm.write(f"skipping {reason}")
                 self.skipped[str(path)] = reason
                 continue
+            array = array[top : top + crop, left : left + crop]
             images.append(array[:, ::-1] if flip and self.config.hflip else array)
         if not images:
             raise DelvmError(f"step {self.step}: no readable image in the batch ({items[0][2]})")

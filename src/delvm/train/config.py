@@ -104,7 +104,7 @@ class TrainConfig:
         return asdict(self)
 
 
-def _build(cls: type, values: dict, where: str) -> Any:
+def build_config(cls: type, values: dict, where: str) -> Any:
     """Instantiate a (nested) dataclass from a dict, naming unknown keys."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
@@ -114,9 +114,9 @@ def _build(cls: type, values: dict, where: str) -> Any:
     for name, value in values.items():
         default = known[name].default_factory() if callable(known[name].default_factory) else None
         if is_dataclass(default) and isinstance(value, dict):
-            value = _build(type(default), value, f"{where}.{name}")
+            value = build_config(type(default), value, f"{where}.{name}")
         elif name == "stages":
-            value = [_build(StageSection, v, f"{where}.stages[{i}]") for i, v in enumerate(value)]
+            value = [build_config(StageSection, v, f"{where}.stages[{i}]") for i, v in enumerate(value)]
         elif name == "betas":
             value = tuple(value)
         kwargs[name] = value
@@ -163,6 +163,6 @@ def load_config(
     for override in overrides:
         apply_override(values, override)
     try:
-        return _build(schema, values, str(path or "config"))
+        return build_config(schema, values, str(path or "config"))
     except TypeError as err:
         raise DelvmError(f"{path or 'config'}: {err}") from None

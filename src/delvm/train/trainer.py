@@ -264,7 +264,7 @@ class Trainer:
         config, world = self.config, self.world
         self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
-        logger = _Logger(self.out, world.is_main, config.tensorboard)
+        logger = RunLogger(self.out, world.is_main, config.tensorboard)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bounds = [(first, steps) for first, steps, _ in self.plan]
         flops = 6 * sum(p.numel() for p in self.bare.parameters() if p.requires_grad)
@@ -350,7 +350,7 @@ def _checkpointed(forward):
     return run
 
 
-class _Logger:
+class RunLogger:
     """JSONL always (``OUT/log.jsonl``); TensorBoard scalars (``OUT/tensorboard``) if enabled."""
 
     def __init__(self, out: Path, enabled: bool, tensorboard: bool):

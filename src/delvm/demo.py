@@ -1,0 +1,268 @@
+"""`delvm demo CONFIG`: the whole pipeline on the toy world, one command, an HTML report at the end.
+
+Stages, each in its own folder under OUT; a finished stage is reused and a killed one resumes:
+
+1. ``world``: the toy world written as paired folders (`delvm data toyworld`);
+2. ``tokenizer``: a VQGAN trained on every image of the world (`delvm tokenizer train`);
+3. ``store``: the world tokenized into a balanced token store (`delvm data build`);
+4. ``lvm``: a small visual language model trained on it (`delvm train`);
+5. ``scores``: validation loss / accuracy per task, task scores next to trivial baselines on a
+   held-out world, task recognition on mixed scenes, prompt -> output grids;
+6. ``report.html``: all of it on one page, with loss curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from delvm.errors import DelvmError
+from delvm.fileio import read_json, write_json
+
+STAGES = ("world", "tokenizer", "store", "lvm", "scores", "report")
+
+
+@dataclass
+class ScoreSection:
+    """How the trained model is measured (on a toy world of seed world.seed + seed_offset)."""
+
+    seed_offset: int = 1000
+    queries: int = 24  # held-out queries per task
+    recognition: int = 24  # mixed scenes, each prompted with every task
+    threshold: float = 0.1  # grayscale foreground threshold for segmentation outputs
+    grid_rows: int = 4  # prompt -> output rows per task in the report
+
+
+@dataclass
+class DemoConfig:
+    """A demo run: one section per stage (see configs/demo.toml)."""
+
+    out: str = "demo_out"
+    world: dict = field(default_factory=dict)  # ToyWorldConfig fields
+    tokenizer: dict = field(default_factory=dict)  # TokenizerTrainConfig fields (not data/out)
+    store: dict = field(default_factory=dict)  # BuildConfig fields (not out/tokenizer/sources)
+    train: dict = field(default_factory=dict)  # a `delvm train` config (not out/tokenizer/store)
+    scores: ScoreSection = field(default_factory=ScoreSection)
+
+
+def load_demo_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:
+    from delvm.train.config import apply_override, build_config
+
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise DelvmError(f"{path}: no such demo config (see configs/demo.toml)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise DelvmError(f"{path}: invalid TOML ({err})") from None
+    for override in overrides:
+        apply_override(values, override)
+    config = build_config(DemoConfig, values, str(path))
+    for section, reserved in (
+        ("tokenizer", {"data", "out"}),
+        ("store", {"out", "tokenizer", "sources"}),
+        ("train", {"out", "tokenizer"}),
+    ):
+        taken = sorted(reserved & set(getattr(config, section)))
+        if taken:
+            raise DelvmError(f"{path}: [{section}] {taken} are set by the demo itself; remove them")
+    return config
+
+
+class Demo:
+    """Runs the stages in order; ``self.timings`` records what each took (or that it was reused)."""
+
+    def __init__(self, config: DemoConfig):
+        self.config = config
+        self.out = Path(config.out)
+        self.timings: dict[str, str] = {}
+        self.paths = {name: self.out / name for name in ("world", "tokenizer", "store", "lvm")}
+
+    # -- bookkeeping
+
+    def check_settings(self) -> None:
+        """A demo folder belongs to one config: reusing stages of another would mix results."""
+        settings = json.loads(json.dumps(asdict(self.config)))
+        saved = self.out / "demo_config.json"
+        if saved.exists() and read_json(saved) != settings:
+            raise DelvmError(
+                f"{self.out} holds a demo run with other settings ({saved}); use another --out "
+                "or remove the folder"
+            )
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(saved, settings)
+
+    def _stage(self, name: str, done: bool, work) -> None:
+        if done:
+            self.timings[name] = "reused"
+            print(f"[demo] {name}: reused")
+            return
+        print(f"[demo] {name} ...")
+        start = time.perf_counter()
+        work()
+        self.timings[name] = f"{time.perf_counter() - start:.0f} s"
+        print(f"[demo] {name}: {self.timings[name]}")
+
+    # -- stages
+
+    def world(self) -> None:
+        from delvm.data.toyworld import ToyWorldConfig, write_toyworld
+
+        folder = self.paths["world"]
+
+        def work() -> None:
+            # toyworld.json is written last: without it the folder is a killed write, and the
+            # world is cheap to regenerate.
+            if folder.exists():
+                shutil.rmtree(folder)
+            write_toyworld(ToyWorldConfig(**self.config.world), folder)
+
+        self._stage("world", (folder / "toyworld.json").exists(), work)
+
+    def tokenizer(self) -> None:
+        from delvm.tokenizer.train import TokenizerTrainer, recipe
+
+        settings = dict(self.config.tokenizer)
+        preset = settings.pop("preset", "cpu-64-f8-1024")
+        config = recipe(
+            preset, **settings, data=str(self.paths["world"]), out=str(self.paths["tokenizer"])
+        )
+        done = (self.paths["tokenizer"] / "report.json").exists()
+        self._stage("tokenizer", done, lambda: TokenizerTrainer(config).run())
+
+    def store(self) -> None:
+        from delvm.data.store import BuildConfig, build_store
+
+        summary = read_json(self.paths["world"] / "toyworld.json")
+        sources = [task["source"] for task in summary["tasks"].values() if task["count"]]
+        config = BuildConfig(
+            out=str(self.paths["store"]),
+            tokenizer=str(self.tokenizer_folder),
+            sources=sources,
+            **self.config.store,
+        )
+        done = (self.paths["store"] / "manifest.json").exists()
+        self._stage("store", done, lambda: build_store(config))
+
+    @property
+    def tokenizer_folder(self) -> Path:
+        return self.paths["tokenizer"] / "tokenizer"
+
+    def train_config(self):
+        from delvm.train.config import TrainConfig, build_config
+
+        values = json.loads(json.dumps(self.config.train))
+        values.update(out=str(self.paths["lvm"]), tokenizer=str(self.tokenizer_folder))
+        values.setdefault("data", {})["store"] = str(self.paths["store"])
+        return build_config(TrainConfig, values, "demo [train]")
+
+    def lvm(self) -> None:
+        from delvm.train.cli import open_sentences
+        from delvm.train.state import checkpoint_dirs
+        from delvm.train.trainer import Trainer
+
+        config = self.train_config()
+        done = any(p.name == f"step-{config.steps:06d}" for p in checkpoint_dirs(config.out))
+        self._stage("lvm", done, lambda: Trainer(config, open_sentences(config)).run())
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.paths["lvm"] / "checkpoints" / f"step-{self.train_config().steps:06d}"
+
+    def scores(self) -> None:
+        result_file = self.out / "scores.json"
+        self._stage("scores", result_file.exists(), lambda: write_json(result_file, self.measure()))
+
+    def measure(self) -> dict:
+        """Validation metrics, task scores vs baselines, task recognition, sample grids."""
+        from delvm.data.toyworld import TASKS, ToyWorldConfig, recognition_set, toyworld_example
+        from delvm.evaluate import evaluate
+        from delvm.prompting import load_prompter, save_grid
+        from delvm.task_eval import derain_scores, foreground_miou, pose_scores, task_recognition
+        from delvm.train.cli import open_sentences
+
+        s = self.config.scores
+        prompter = load_prompter(self.checkpoint, self.tokenizer_folder)
+        validation = evaluate(prompter.model, open_sentences(self.train_config()))
+        world = ToyWorldConfig(**self.config.world)
+        held_out = replace(world, seed=world.seed + s.seed_offset, mixed=0.0)
+        # As many example pairs as the context holds next to the query.
+        per_example = 2 * prompter.image_tokens
+        shots = max(1, prompter.model.config.max_seq_len // per_example - 1)
+
+        def predict(pairs, queries):
+            return prompter(pairs, queries)
+
+        examples = {
+            task: [toyworld_example(held_out, task, i) for i in range(s.queries)] for task in TASKS
+        }
+        result = {
+            "validation": validation,
+            "shots": shots,
+            "segmentation": foreground_miou(
+                predict, examples["segmentation"], shots, threshold=s.threshold
+            ),
+            "pose": pose_scores(predict, examples["pose"], shots),
+            "derain": derain_scores(predict, examples["derain"], shots),
+            "recognition": task_recognition(
+                predict, recognition_set(held_out, s.recognition), s.recognition, shots
+            ),
+        }
+        grids = self.out / "grids"
+        grids.mkdir(exist_ok=True)
+        for task in TASKS:
+            pool = examples[task]
+            rows = []
+            for q in range(min(s.grid_rows, len(pool))):
+                pairs = [pool[(q + 1 + k) % len(pool)].images for k in range(shots)]
+                output = predict([tuple(p) for p in pairs], [pool[q].images[0]])[0]
+                rows.append(
+                    [*[i for p in pairs for i in p], pool[q].images[0], output, pool[q].images[1]]
+                )
+            save_grid(rows, grids / f"{task}.png")
+        scenes = recognition_set(held_out, s.grid_rows + shots)
+        rows = []
+        for q in range(s.grid_rows):
+            row = [scenes[TASKS[0]][q].images[0]]
+            for task in TASKS:
+                pairs = [tuple(scenes[task][s.grid_rows + k].images) for k in range(shots)]
+                row.append(predict(pairs, [row[0]])[0])
+            rows.append(row)
+        save_grid(rows, grids / "recognition.png")
+        return result
+
+    def report(self) -> None:
+        from delvm.demo_report import write_report
+
+        start = time.perf_counter()
+        write_report(self)
+        self.timings["report"] = f"{time.perf_counter() - start:.0f} s"
+        print(f"[demo] report: {self.out / 'report.html'}")
+
+    def run(self) -> Path:
+        self.check_settings()
+        for name in STAGES:
+            getattr(self, name)()
+        return self.out / "report.html"
+
+
+def _run(args: argparse.Namespace) -> None:
+    report = Demo(load_demo_config(args.config, args.overrides)).run()
+    print(f"open {report} in a browser")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the toy world, with an HTML report (reruns reuse stages)",
+    )
+    p.add_argument("config", type=Path, nargs="?", default=Path("configs/demo.toml"))
+    p.add_argument(
+        "overrides", nargs="*", help="key=value or section.key=value, e.g. out=DIR train.steps=200"
+    )
+    p.set_defaults(func=_run)
