@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench
+.PHONY: test demo demo-full lint bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,8 +13,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# One thread per test process: two-thread kernels stall badly when the machine is busy.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# The whole pipeline on the toy world (about 15 minutes on 2 cores); reruns reuse finished stages.
+demo: $(STAMP)
+	$(VENV)/bin/delvm demo configs/demo.toml
+	@echo "report: demo_out/report.html"
+
+# The same pipeline, longer (about an hour on 2 cores), into demo_full_out/.
+demo-full: $(STAMP)
+	$(VENV)/bin/delvm demo configs/demo_full.toml
+	@echo "report: demo_full_out/report.html"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -84,12 +84,24 @@ def test_foreground_miou_on_a_pascal5i_layout(tmp_path):
     assert {e.meta["class"] for e in examples} == {"aeroplane", "bicycle"}
     assert foreground_miou(oracle(examples), examples, shots=1)["miou"] == 1.0
     assert foreground_miou(black, examples, shots=1)["miou"] == 0.0
+    # All foreground scores each class's object share of its images.
+    white = foreground_miou(lambda p, q: [np.full_like(x, 255) for x in q], examples, shots=1)
+    for name, iou in white["per_class"].items():
+        truths = [e.images[1].max(axis=2) > 127 for e in examples if e.meta["class"] == name]
+        assert iou == pytest.approx(sum(t.sum() for t in truths) / sum(t.size for t in truths))
+    assert white["miou"] == pytest.approx(white["baseline_foreground_miou"])
+
     # The real path: a (random, untrained) model prompted with same-class supports.
     torch.manual_seed(0)
     tokenizer = VQGAN(tokenizer_preset("cpu-64-f8-1024", resolution=32, num_embeddings=64)).eval()
     model = VisualLM(preset("tiny", vocab_size=64, codebook_dim=32), tokenizer.codebook.detach())
     scores = foreground_miou(VisualPrompter(model, tokenizer), examples, shots=1)
     assert 0.0 <= scores["miou"] <= 1.0 and set(scores["per_class"]) == {"aeroplane", "bicycle"}
+
+
+def test_foreground_miou_reads_instance_colours_as_foreground():
+    examples = toy("segmentation")
+    assert foreground_miou(oracle(examples), examples, shots=2, threshold=0.05)["miou"] == 1.0
 
 
 def test_task_recognition_counts_outputs_nearest_the_prompted_truth():

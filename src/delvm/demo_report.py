@@ -30,6 +30,7 @@ def task_rows(scores: dict) -> list[tuple[str, str, float, str, float, bool]]:
     seg, pose, derain = scores["segmentation"], scores["pose"], scores["derain"]
     rows = [
         ("segmentation", "mIoU", seg["miou"], "all black", seg["baseline_black_miou"]),
+        ("segmentation", "mIoU", seg["miou"], "all foreground", seg["baseline_foreground_miou"]),
         ("pose", "PCK@0.2", pose["pck@0.2"], "all black", pose["baseline_black_pck@0.2"]),
         ("pose", "COCO AP", pose["coco_ap"], "all black", pose["baseline_black_coco_ap"]),
         ("derain", "PSNR (dB)", derain["psnr"], "rainy input", derain["baseline_input_psnr"]),

@@ -36,13 +36,15 @@ def foreground_miou(
 ) -> dict:  # fmt: skip
     """Pascal-5i protocol: supports of the query's class; IoU per class; mIoU over classes.
 
-    Returns the model's figures and the all-black baseline's (IoU 0 wherever truth exists).
+    Returns the model's figures and two baselines': all black (IoU 0 wherever truth exists) and
+    all foreground (IoU = the objects' share of the image), which any blotchy output can beat
+    black with.
     """
     by_class: dict[str, list[Example]] = defaultdict(list)
     for example in examples:
         by_class[example.meta.get("class", example.task)].append(example)
     rng = np.random.default_rng(seed)
-    model, black = FoldIoU(), FoldIoU()
+    model, black, white = FoldIoU(), FoldIoU(), FoldIoU()
     names = sorted(by_class)
     for class_index, name in enumerate(names):
         group = by_class[name]
@@ -51,8 +53,14 @@ def foreground_miou(
             truth = query.images[1].max(axis=2) > 127  # white, or any instance colour
             model.add(class_index, foreground_mask(output, threshold), truth)
             black.add(class_index, np.zeros_like(truth), truth)
+            white.add(class_index, np.ones_like(truth), truth)
     per_class = {names[c]: v for c, v in model.per_class().items()}
-    return {"miou": model.miou(), "per_class": per_class, "baseline_black_miou": black.miou()}
+    return {
+        "miou": model.miou(),
+        "per_class": per_class,
+        "baseline_black_miou": black.miou(),
+        "baseline_foreground_miou": white.miou(),
+    }
 
 
 def pose_scores(

@@ -116,7 +116,9 @@ def build_config(cls: type, values: dict, where: str) -> Any:
         if is_dataclass(default) and isinstance(value, dict):
             value = build_config(type(default), value, f"{where}.{name}")
         elif name == "stages":
-            value = [build_config(StageSection, v, f"{where}.stages[{i}]") for i, v in enumerate(value)]
+            value = [
+                build_config(StageSection, v, f"{where}.stages[{i}]") for i, v in enumerate(value)
+            ]
         elif name == "betas":
             value = tuple(value)
         kwargs[name] = value

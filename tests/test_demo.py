@@ -1,0 +1,66 @@
+"""`delvm demo`: the whole pipeline at toy size, stage reuse, and its config errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from delvm.cli import main
+from delvm.demo import STAGES, load_demo_config
+from delvm.demo_report import task_rows
+from delvm.errors import DelvmError
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+TINY = [
+    "world.segmentation=40", "world.pose=8", "world.derain=8",
+    "tokenizer.steps=6", "tokenizer.eval_every=3", "tokenizer.val_images=8",
+    "train.steps=4", "train.eval_every=2", "train.micro_batch=2",
+    "train.model.overrides={'hidden_size': 64, 'intermediate_size': 176, 'num_heads': 4, "
+    "'num_layers': 2, 'max_seq_len': 256}",
+    "scores.queries=3", "scores.recognition=3", "scores.grid_rows=1",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_then_reuses_every_stage(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", str(CONFIG), f"out={out}", *TINY]) == 0
+    first = capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    scores = json.loads((out / "scores.json").read_text())
+    # Every headline score sits in the page next to its baseline.
+    for task, metric, model, _name, baseline, _beats in task_rows(scores):
+        assert f"<td>{task}</td><td>{metric}</td><td>{model:.3f}</td>" in page
+        assert f"{baseline:.3f}" in page
+    assert scores["segmentation"]["baseline_black_miou"] == 0.0
+    assert 0.0 <= scores["recognition"]["accuracy"] <= 1.0
+    assert scores["shots"] == 1  # 256 tokens hold one example pair and the query pair
+    assert page.count("data:image/png;base64,") == 5  # curves + 3 task grids + recognition grid
+    for stage in STAGES[:-1]:
+        assert f"[demo] {stage}: reused" not in first
+
+    # A rerun reuses every finished stage and writes the same scores.
+    assert main(["demo", str(CONFIG), f"out={out}", *TINY]) == 0
+    second = capsys.readouterr().out
+    assert all(f"[demo] {stage}: reused" in second for stage in STAGES[:-1])
+    assert json.loads((out / "scores.json").read_text()) == scores
+
+
+def test_a_demo_folder_refuses_other_settings(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo_config.json").write_text(json.dumps({"out": str(out), "world": {"seed": 5}}))
+    assert main(["demo", str(CONFIG), f"out={out}"]) == 2
+    assert re.search(r"other settings .*demo_config\.json", capsys.readouterr().err)
+
+
+def test_config_errors_name_the_setting(tmp_path):
+    with pytest.raises(DelvmError, match=r"\[tokenizer\] \['out'\] are set by the demo"):
+        load_demo_config(CONFIG, ["tokenizer.out=x"])
+    with pytest.raises(DelvmError, match="unknown setting"):
+        load_demo_config(CONFIG, ["colour=blue"])
+    with pytest.raises(DelvmError, match="no such demo config"):
+        load_demo_config(tmp_path / "missing.toml")
