@@ -62,5 +62,5 @@ def test_config_errors_name_the_setting(tmp_path):
         load_demo_config(CONFIG, ["tokenizer.out=x"])
     with pytest.raises(DelvmError, match="unknown setting"):
         load_demo_config(CONFIG, ["colour=blue"])
-    with pytest.raises(DelvmError, match="no such demo config"):
+    with pytest.raises(DelvmError, match="no such config file"):
         load_demo_config(tmp_path / "missing.toml")

@@ -15,22 +15,11 @@ import torch.nn.functional as F
 from delvm.errors import DelvmError
 from delvm.tokenizer import PRESETS, VQGAN, VQGANConfig, load_tokenizer, preset
 from delvm.tokenizer.vqgan import AttnBlock
+from tests.support.tiny import TINY_VQGAN as TINY
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vqgan_muse_parity"
 if not FIXTURE.is_dir():
     FIXTURE = Path("/work/shared/fixtures/vqgan_muse_parity")
-
-TINY = VQGANConfig(
-    resolution=32,
-    hidden_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(),
-    no_attn_mid_block=True,
-    z_channels=8,
-    num_embeddings=64,
-    quantized_embed_dim=8,
-)
 
 
 def tiny(seed: int = 0, **changes) -> VQGAN:

@@ -17,7 +17,7 @@ from PIL import Image
 from delvm.cli import main
 from delvm.errors import DelvmError
 from delvm.images import load_square
-from delvm.tokenizer import VQGAN, VQGANConfig, load_tokenizer
+from delvm.tokenizer import VQGAN, load_tokenizer
 from delvm.tokenizer.folders import (
     Shard,
     decode_tokens,
@@ -25,18 +25,8 @@ from delvm.tokenizer.folders import (
     read_tokens,
     reconstruct_folder,
 )
+from tests.support.tiny import TINY_VQGAN as TINY
 
-TINY = VQGANConfig(
-    resolution=32,
-    hidden_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(),
-    no_attn_mid_block=True,
-    z_channels=8,
-    num_embeddings=64,
-    quantized_embed_dim=8,
-)
 GOOD = [
     "a_rgba.png",
     "b_gray.png",

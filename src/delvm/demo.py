@@ -17,7 +17,6 @@ import argparse
 import json
 import shutil
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -51,18 +50,9 @@ class DemoConfig:
 
 
 def load_demo_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:
-    from delvm.train.config import apply_override, build_config
+    from delvm.train.config import load_config
 
-    path = Path(path)
-    try:
-        values = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise DelvmError(f"{path}: no such demo config (see configs/demo.toml)") from None
-    except tomllib.TOMLDecodeError as err:
-        raise DelvmError(f"{path}: invalid TOML ({err})") from None
-    for override in overrides:
-        apply_override(values, override)
-    config = build_config(DemoConfig, values, str(path))
+    config = load_config(path, list(overrides), schema=DemoConfig)
     for section, reserved in (
         ("tokenizer", {"data", "out"}),
         ("store", {"out", "tokenizer", "sources"}),
