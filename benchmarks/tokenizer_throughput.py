@@ -1,6 +1,7 @@
 """Tokenizer throughput at the paper's f16-8192 shape (random weights): images/s for encode and
-decode, batch 1 and 16, fp32 and bf16 — ours (`VQGAN.encode` / `VQGAN.decode`: inference mode,
-channels-last weights) against a plain eager fp32 run of the same module in the same process.
+decode, batch 1 and 16, fp32 and bf16 — ours (`VQGAN.encode` / `VQGAN.decode` as every delvm command
+calls them: inference mode, uint8 in, ids out, bf16 autocast optional) against a plain eager fp32
+run of the same module in the same process.
 
     python benchmarks/tokenizer_throughput.py [--batch-sizes 1 16] [--repeats 2] [--device cpu]
 
@@ -59,7 +60,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     plain = VQGAN(preset("f16-8192")).eval().to(device)
-    ours = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    ours = copy.deepcopy(plain)
     side = plain.config.resolution
     print(
         f"f16-8192 VQGAN, random weights, {side} px -> {plain.grid_size**2} tokens; "
