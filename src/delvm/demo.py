@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from delvm.errors import DelvmError
 from delvm.fileio import read_json, write_json
 
@@ -185,7 +187,13 @@ class Demo:
         per_example = 2 * prompter.image_tokens
         shots = max(1, prompter.model.config.max_seq_len // per_example - 1)
 
+        # Every generated image: the task queries, each recognition scene under every task's
+        # prompt, and the report's grids.
+        total = len(TASKS) * (s.queries + s.recognition + 2 * s.grid_rows)
+        bar = tqdm(total=total, desc="scores", unit="image")
+
         def predict(pairs, queries):
+            bar.update(len(queries))
             return prompter(pairs, queries)
 
         examples = {
@@ -224,6 +232,7 @@ class Demo:
                 row.append(predict(pairs, [row[0]])[0])
             rows.append(row)
         save_grid(rows, grids / "recognition.png")
+        bar.close()
         return result
 
     def report(self) -> None:
