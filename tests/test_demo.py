@@ -62,5 +62,11 @@ def test_config_errors_name_the_setting(tmp_path):
         load_demo_config(CONFIG, ["tokenizer.out=x"])
     with pytest.raises(DelvmError, match="unknown setting"):
         load_demo_config(CONFIG, ["colour=blue"])
+    with pytest.raises(DelvmError, match=r"\[store\] unknown setting\(s\) \['shards'\]"):
+        load_demo_config(CONFIG, ["store.shards=3"])
+    with pytest.raises(DelvmError, match=r"\[world\] unknown"):
+        load_demo_config(CONFIG, ["world.cats=3"])
+    with pytest.raises(DelvmError, match="unknown setting"):
+        load_demo_config(CONFIG, ["train.optim.speed=3"])
     with pytest.raises(DelvmError, match="no such config file"):
         load_demo_config(tmp_path / "missing.toml")

@@ -17,7 +17,7 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -55,14 +55,27 @@ def load_demo_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:
     from delvm.train.config import load_config
 
     config = load_config(path, list(overrides), schema=DemoConfig)
-    for section, reserved in (
-        ("tokenizer", {"data", "out"}),
-        ("store", {"out", "tokenizer", "sources"}),
-        ("train", {"out", "tokenizer"}),
+    from delvm.data.store import BuildConfig
+    from delvm.data.toyworld import ToyWorldConfig
+    from delvm.tokenizer.train import TokenizerTrainConfig
+
+    for section, schema, reserved in (
+        ("world", ToyWorldConfig, set()),
+        ("tokenizer", TokenizerTrainConfig, {"data", "out"}),
+        ("store", BuildConfig, {"out", "tokenizer", "sources"}),
+        ("train", None, {"out", "tokenizer"}),
     ):
-        taken = sorted(reserved & set(getattr(config, section)))
+        given = set(getattr(config, section))
+        taken = sorted(reserved & given)
         if taken:
             raise DelvmError(f"{path}: [{section}] {taken} are set by the demo itself; remove them")
+        known = {f.name for f in fields(schema)} if schema else given
+        if given - known:
+            raise DelvmError(
+                f"{path}: [{section}] unknown setting(s) {sorted(given - known)}; known: "
+                f"{sorted(known - reserved)}"
+            )
+    Demo(config).train_config()  # the training section's own checks, before any stage runs
     return config
 
 
@@ -83,8 +96,8 @@ class Demo:
         saved = self.out / "demo_config.json"
         if saved.exists() and read_json(saved) != settings:
             raise DelvmError(
-                f"{self.out} holds a demo run with other settings ({saved}); use another --out "
-                "or remove the folder"
+                f"{self.out} holds a demo run with other settings ({saved}); pass another "
+                "out=DIR or remove the folder"
             )
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(saved, settings)
