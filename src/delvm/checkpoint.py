@@ -44,15 +44,21 @@ def save_weights(
 
     Used directly by training, whose weights may be gathered from shards of a wrapped model.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
     meta = {
         "format": FORMAT,
         "model": config.to_dict(),
         "tokenizer": {"fingerprint": tokenizer_fingerprint},
     }
+    return write_weights_folder(folder, state, meta)
+
+
+def write_weights_folder(folder: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Weights (safetensors) first, ``config.json`` (``meta``) last, each written atomically: a
+    folder whose config exists is complete. Shared by every checkpoint format of delvm."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
     write_json(folder / CONFIG_NAME, meta)
     return folder
 

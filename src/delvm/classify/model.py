@@ -20,17 +20,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from delvm.checkpoint import load_model
+from delvm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, write_weights_folder
 from delvm.errors import DelvmError
-from delvm.fileio import atomic_write, read_json, write_json
+from delvm.fileio import read_json
 from delvm.model import ModelConfig, VisualLM
 
 FORMAT = "delvm-classifier"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 # ImageNet's channel statistics, the usual normalisation for fine-tuning (MAE, timm).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -138,10 +136,6 @@ def save_classifier(
     data: dict,
 ) -> Path:
     """Write a classifier's state dict as a checkpoint folder (weights first, config last)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
     meta = {
         "format": FORMAT,
         "model": trunk.to_dict(),
@@ -149,8 +143,7 @@ def save_classifier(
         "classes": list(classes),
         "data": data,
     }
-    write_json(folder / CONFIG_NAME, meta)
-    return folder
+    return write_weights_folder(folder, state, meta)
 
 
 def load_classifier(
