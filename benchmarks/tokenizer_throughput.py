@@ -14,26 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from functools import partial
 
 import torch
+from timing import best_seconds
 
 from delvm.tokenizer import VQGAN, preset
-
-
-def best_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: allocator, kernel selection
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def baseline_encode(model: VQGAN, pixels: torch.Tensor) -> torch.Tensor:

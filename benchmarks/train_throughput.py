@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import best_seconds
 from torch import Tensor
 
 from delvm.model import VisualLM
@@ -57,20 +57,6 @@ def bare_step(model: VisualLM, ids: Tensor, autocast):
     return step
 
 
-def best_of(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -101,8 +87,10 @@ def main() -> None:
         # Alternate the two so machine noise hits both alike; keep the best of each.
         t_trainer = t_bare = float("inf")
         for _ in range(args.repeats):
-            t_trainer = min(t_trainer, best_of(lambda: trainer.train_step(source.tasks), device, 1))
-            t_bare = min(t_bare, best_of(bare, device, 1))
+            t_trainer = min(
+                t_trainer, best_seconds(lambda: trainer.train_step(source.tasks), 1, device)
+            )
+            t_bare = min(t_bare, best_seconds(bare, 1, device))
 
     tokens = args.micro_batch * (args.seq_len - 1)
     params = sum(p.numel() for p in trainer.bare.parameters() if p.requires_grad)
