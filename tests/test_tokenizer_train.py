@@ -338,3 +338,25 @@ def test_psnr_and_usage():
     assert psnr(a, b)[1].item() == pytest.approx(100.0)
     usage = codebook_usage(torch.tensor([5, 5, 0, 0]))
     assert usage == {"used_codes": 2, "usage": 0.5, "perplexity": pytest.approx(2.0)}
+
+
+def test_crops_are_windows_of_the_images_and_train(scenes, tmp_path):
+    trainer = TokenizerTrainer(config(scenes, tmp_path / "o", crop=16), ONE)
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    batch = trainer._batch([(Path(f"{i}.png"), a, None) for i, a in enumerate(arrays)])
+    assert batch.shape == (4, 3, 16, 16)
+    for crop, array in zip(batch, arrays, strict=True):
+        crop = (crop.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        windows = [
+            image[top : top + 16, left : left + 16]
+            for image in (array, array[:, ::-1])
+            for top in range(17)
+            for left in range(17)
+        ]
+        assert any(np.array_equal(crop, w) for w in windows)
+    report = trainer.run()  # crops train; held-out PSNR is still measured on whole images
+    assert report["steps"] == 4 and np.isfinite(report["final"]["psnr"])
+    for bad in (15, 64):
+        with pytest.raises(DelvmError, match=f"crop {bad} must be a multiple of 2"):
+            TokenizerTrainer(config(scenes, tmp_path / f"bad{bad}", crop=bad), ONE)
