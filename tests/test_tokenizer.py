@@ -191,6 +191,26 @@ def test_bad_configs_are_one_line_errors():
         preset("f32")
 
 
+def test_norm_free_models_save_their_norm_and_group_ones_stay_open_muse_configs(tmp_path):
+    grouped = tiny().save_pretrained(tmp_path / "group")
+    assert "norm" not in json.loads((grouped / "config.json").read_text())
+    model = tiny(norm="none", hidden_channels=24)  # any width: no groups to divide it
+    assert not any("norm" in key for key in model.state_dict())
+    folder = model.save_pretrained(tmp_path / "none")
+    assert json.loads((folder / "config.json").read_text())["norm"] == "none"
+    loaded = load_tokenizer(folder)
+    assert loaded.config == model.config and loaded.fingerprint() == model.fingerprint()
+    # Weights of a norm-free model are not a GroupNorm model's: strict loading says which.
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "norm": "group", "hidden_channels": 32})
+    )
+    with pytest.raises(DelvmError, match="missing .*norm1"):
+        load_tokenizer(folder)
+    with pytest.raises(DelvmError, match="norm 'batch'"):
+        VQGANConfig(norm="batch")
+
+
 def test_presets_build_and_have_their_grids():
     assert PRESETS["f16-8192"].grid_size == 16
     assert PRESETS["cpu-64-f8-1024"].grid_size == 8
@@ -216,7 +236,7 @@ def _reference_attention(block: AttnBlock, x: torch.Tensor) -> torch.Tensor:
 
 def test_attention_blocks_follow_the_reference_formula():
     torch.manual_seed(0)
-    block = AttnBlock(32)
+    block = AttnBlock(32, "group")
     x = torch.randn(2, 32, 8, 8)
     torch.testing.assert_close(block(x), _reference_attention(block, x), atol=1e-5, rtol=1e-5)
 

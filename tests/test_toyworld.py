@@ -1,6 +1,7 @@
 """The toy world: deterministic, long-tailed, learnable examples of the paper's three tasks."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -156,3 +157,47 @@ def test_mixed_share_changes_only_the_examples_it_draws():
     assert 15 <= changed <= 45  # about half of 60
     with pytest.raises(DelvmError, match="mixed"):
         ToyWorldConfig(mixed=1.5)
+
+
+def _background_roughness(example) -> float:
+    """Mean absolute difference between horizontal neighbours that are both background (black in
+    the segmentation target): stripes, checks and noise score high, gradients near zero."""
+    image, background = example.images[0].astype(float), ~example.images[1].any(axis=2)
+    both = background[:, 1:] & background[:, :-1]
+    return float(np.abs(np.diff(image, axis=1)).sum(axis=2)[both].mean())
+
+
+def test_untextured_world_has_flat_fills_and_no_photos(monkeypatch, tmp_path):
+    import delvm.data.toyworld as toyworld
+
+    textured, flat = ToyWorldConfig(), ToyWorldConfig(textures=False)
+    rough = {
+        config.textures: [
+            _background_roughness(toyworld_example(config, "segmentation", i)) for i in range(30)
+        ]
+        for config in (textured, flat)
+    }
+    assert np.mean(rough[False]) < 0.2 * np.mean(rough[True])
+    monkeypatch.setattr(toyworld, "_photo_crop", lambda *args: pytest.fail("photo drawn"))
+    for task in TASKS:
+        for index in range(30):
+            example = toyworld_example(replace(flat, mixed=0.3), task, index)
+            assert example.images[1].any()
+    assert main(["data", "toyworld", str(tmp_path / "w"), "--segmentation", "2", "--pose", "1",
+                 "--derain", "1", "--no-textures", "--rain", "2"]) == 0  # fmt: skip
+    written = json.loads((tmp_path / "w" / "toyworld.json").read_text())["config"]
+    assert written["textures"] is False and written["rain"] == 2
+
+
+def test_rain_density_scales_the_streaks():
+    def rain_share(config: ToyWorldConfig) -> float:
+        examples = [toyworld_example(config, "derain", i) for i in range(20)]
+        return np.mean([(np.abs(e.images[0].astype(int) - e.images[1]).max(axis=2) > 30).mean()
+                        for e in examples])  # fmt: skip
+
+    light, heavy = ToyWorldConfig(textures=False), ToyWorldConfig(textures=False, rain=2)
+    assert 1.5 * rain_share(light) < rain_share(heavy) < 2.5 * rain_share(light)
+    clean = [toyworld_example(c, "derain", 3).images[1] for c in (light, heavy)]
+    np.testing.assert_array_equal(*clean)  # the scene is the same; only the rain differs
+    with pytest.raises(DelvmError, match="rain"):
+        ToyWorldConfig(rain=0)

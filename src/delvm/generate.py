@@ -19,9 +19,10 @@ from delvm.model import VisualLM
 
 @dataclass
 class SamplingConfig:
-    """How the next token is chosen. ``temperature == 0`` means greedy (argmax)."""
+    """How the next token is chosen. ``temperature == 0`` means greedy (argmax), the default:
+    task scores and `delvm prompt` take the most likely image unless told to sample."""
 
-    temperature: float = 1.0
+    temperature: float = 0.0
     top_k: int | None = None  # keep the k most likely codes
     top_p: float | None = None  # keep the smallest set of codes whose probability reaches p
     seed: int | None = 0  # seeds a private generator: same seed, same prompt, same output

@@ -48,6 +48,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="share of each task's examples drawn as a mixed scene (shapes, a figure and rain in "
         f"one input), which makes the prompt the only cue to the task (default {defaults.mixed})",
     )
+    toy.add_argument(
+        "--rain",
+        type=float,
+        metavar="DENSITY",
+        help=f"rain streaks relative to the default 15-30 per image (default {defaults.rain})",
+    )
+    toy.add_argument(
+        "--no-textures",
+        dest="textures",
+        action="store_const",
+        const=False,
+        help="flat colours and gentle gradients only: no patterned fills or sample photos (what a "
+        "CPU-sized tokenizer reconstructs; the demo's world)",
+    )
     toy.set_defaults(func=_toyworld)
 
     # `delvm data build` and `delvm data inspect` (token store) register here.

@@ -42,7 +42,9 @@ NEAREST_TARGET = {"segmentation": True, "pose": True, "derain": False}
 class ToyWorldConfig:
     """seed: the world's seed; resolution: image side in pixels; segmentation, pose, derain:
     examples per task; mixed: the share of each task's examples drawn as a mixed scene (shapes, a
-    figure and rain in one input; see `mixed_scene`)."""
+    figure and rain in one input; see `mixed_scene`); textures: patterned fills and sample photos
+    (False: flat colours and gentle gradients only, a world a CPU-sized tokenizer reconstructs);
+    rain: how many streaks fall, relative to the default 15-30 per image."""
 
     seed: int = 0
     resolution: int = 64
@@ -50,6 +52,8 @@ class ToyWorldConfig:
     pose: int = 100
     derain: int = 100
     mixed: float = 0.0
+    textures: bool = True
+    rain: float = 1.0
 
     def __post_init__(self) -> None:
         if not 32 <= self.resolution <= 1024:
@@ -59,6 +63,8 @@ class ToyWorldConfig:
                 raise DelvmError(f"toyworld {task} count {getattr(self, task)}: must be >= 0")
         if not 0 <= self.mixed <= 1:
             raise DelvmError(f"toyworld mixed = {self.mixed}: use a share between 0 and 1")
+        if not 0 < self.rain <= 10:
+            raise DelvmError(f"toyworld rain = {self.rain}: use a density in (0, 10] (default 1)")
 
     def counts(self) -> dict[str, int]:
         return {task: getattr(self, task) for task in TASKS}
@@ -81,14 +87,15 @@ def _colour(rng: np.random.Generator, away_from=None, distance: float = 120.0) -
             return colour
 
 
-def _pattern(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A [size, size] pattern in [0, 1]: stripes, checks, smooth noise or a gradient."""
+def _pattern(rng: np.random.Generator, size: int, textured: bool) -> np.ndarray:
+    """A [size, size] pattern in [0, 1]: stripes, checks, smooth noise or a gradient (only a
+    gradient when not `textured`)."""
     x, y = _grid(size)
     angle = rng.uniform(0, math.pi)
     u = x * math.cos(angle) + y * math.sin(angle)
     v = -x * math.sin(angle) + y * math.cos(angle)
     period = rng.uniform(0.12, 0.3)
-    kind = rng.integers(4)
+    kind = rng.integers(4) if textured else 3
     if kind == 0:
         return (np.floor(u / period) % 2) * np.ones_like(v)
     if kind == 1:
@@ -100,9 +107,11 @@ def _pattern(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(u, 0, 1) * np.ones_like(v)
 
 
-def _texture(rng: np.random.Generator, size: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _texture(
+    rng: np.random.Generator, size: int, a: np.ndarray, b: np.ndarray, textured: bool
+) -> np.ndarray:
     """A pattern coloured from `a` to `b`, float [size, size, 3]."""
-    t = _pattern(rng, size)[..., None]
+    t = _pattern(rng, size, textured)[..., None]
     return a * (1 - t) + b * t
 
 
@@ -157,7 +166,11 @@ def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _paint_shapes(
-    rng: np.random.Generator, image: np.ndarray, wanted: int, keep: np.ndarray | None = None
+    rng: np.random.Generator,
+    image: np.ndarray,
+    wanted: int,
+    textured: bool,
+    keep: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Paint up to `wanted` shapes onto `image` (float, in place); return their visible masks.
 
@@ -180,8 +193,8 @@ def _paint_shapes(
         if all(np.count_nonzero(m) >= min_area for m in visible):
             masks = visible
             colour = _colour(rng, mean)
-            if rng.random() < 0.35:
-                fills.append(_texture(rng, size, colour, _colour(rng, colour)))
+            if textured and rng.random() < 0.35:
+                fills.append(_texture(rng, size, colour, _colour(rng, colour), textured))
             else:
                 fills.append(np.broadcast_to(colour, (size, size, 3)))
     for mask, fill in zip(masks, fills, strict=True):
@@ -189,10 +202,16 @@ def _paint_shapes(
     return masks
 
 
-def _segmentation(rng: np.random.Generator, size: int) -> Example:
+def _background(rng: np.random.Generator, size: int, textured: bool) -> np.ndarray:
+    """A low-contrast background for shapes."""
     base = rng.uniform(30, 200, 3)
-    image = _texture(rng, size, base, np.clip(base + rng.uniform(-35, 35, 3), 0, 255))
-    masks = _paint_shapes(rng, image, wanted=int(rng.integers(1, 4)))
+    return _texture(rng, size, base, np.clip(base + rng.uniform(-35, 35, 3), 0, 255), textured)
+
+
+def _segmentation(rng: np.random.Generator, config: ToyWorldConfig) -> Example:
+    size, textured = config.resolution, config.textures
+    image = _background(rng, size, textured)
+    masks = _paint_shapes(rng, image, wanted=int(rng.integers(1, 4)), textured=textured)
     target = render_instances(masks, seed=int(rng.integers(2**32)))
     return Example("segmentation", [_to_uint8(image), target], "", meta={"nearest": [False, True]})
 
@@ -262,9 +281,9 @@ BODY_PARTS = (
 )
 
 
-def _pose_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    if rng.random() < 0.5:
-        background = _texture(rng, size, _colour(rng), _colour(rng))
+def _pose_background(rng: np.random.Generator, size: int, textured: bool) -> np.ndarray:
+    if not textured or rng.random() < 0.5:
+        background = _texture(rng, size, _colour(rng), _colour(rng), textured)
     else:
         photo = _photo_crop(rng, size)
         background = 0.5 * photo + 0.5 * photo.mean(axis=(0, 1))  # dimmed so the figure stands out
@@ -303,8 +322,9 @@ def _paint_figure(
     return keypoints, body | skin
 
 
-def _pose(rng: np.random.Generator, size: int) -> Example:
-    image = _pose_background(rng, size)
+def _pose(rng: np.random.Generator, config: ToyWorldConfig) -> Example:
+    size = config.resolution
+    image = _pose_background(rng, size, config.textures)
     keypoints, _ = _paint_figure(rng, image, *_place_figure(rng, size))
     target = render_skeleton(keypoints, size, size)
     return Example(
@@ -319,13 +339,13 @@ def _pose(rng: np.random.Generator, size: int) -> Example:
 # --- deraining ----------------------------------------------------------------------------------
 
 
-def _rain(rng: np.random.Generator, size: int) -> np.ndarray:
+def _rain(rng: np.random.Generator, size: int, density: float) -> np.ndarray:
     """A rain layer [size, size] in [0, 1]: bold parallel streaks with jittered length."""
     layer = np.zeros((size, size))
     angle = rng.uniform(-0.5, 0.5)  # from vertical, shared by every streak
     direction = np.array([math.sin(angle), math.cos(angle)])
     # Length and width scale with the image, so a fixed count covers the same fraction of it.
-    count = int(rng.integers(15, 31))
+    count = round(int(rng.integers(15, 31)) * density)
     width = size / 32
     for _ in range(count):
         start = rng.uniform(-0.1, 1.1, 2) * size
@@ -334,19 +354,24 @@ def _rain(rng: np.random.Generator, size: int) -> np.ndarray:
     return layer
 
 
-def _add_rain(rng: np.random.Generator, clean: np.ndarray) -> np.ndarray:
-    alpha = _rain(rng, clean.shape[0])[..., None] * rng.uniform(0.7, 0.95)
+def _add_rain(rng: np.random.Generator, clean: np.ndarray, density: float) -> np.ndarray:
+    alpha = _rain(rng, clean.shape[0], density)[..., None] * rng.uniform(0.7, 0.95)
     return clean * (1 - alpha) + rng.uniform(215, 255) * alpha
 
 
-def _derain(rng: np.random.Generator, size: int) -> Example:
-    if rng.random() < 0.7:
+def _derain(rng: np.random.Generator, config: ToyWorldConfig) -> Example:
+    """A photo (70 %) or a texture under rain; untextured: a gradient with flat shapes."""
+    size, textured = config.resolution, config.textures
+    if not textured:
+        clean = _background(rng, size, textured)
+        _paint_shapes(rng, clean, wanted=int(rng.integers(1, 4)), textured=textured)
+    elif rng.random() < 0.7:
         clean = _photo_crop(rng, size)
     else:
-        clean = _texture(rng, size, _colour(rng), _colour(rng))
+        clean = _texture(rng, size, _colour(rng), _colour(rng), textured)
     return Example(
         "derain",
-        [_to_uint8(_add_rain(rng, clean)), _to_uint8(clean)],
+        [_to_uint8(_add_rain(rng, clean, config.rain)), _to_uint8(clean)],
         "",
         meta={"nearest": [False, False]},
     )
@@ -355,20 +380,23 @@ def _derain(rng: np.random.Generator, size: int) -> Example:
 # --- mixed scenes -------------------------------------------------------------------------------
 
 
-def mixed_scene(rng: np.random.Generator, size: int) -> dict[str, Example]:
+def mixed_scene(rng: np.random.Generator, config: ToyWorldConfig) -> dict[str, Example]:
     """One rainy scene holding shapes and a figure, with a ground truth for every task.
 
     Its input fits every task, so only a prompt's examples can say which answer is wanted: these
     scenes teach a model to read the task from the prompt, and they are the task-recognition
     set's queries. Segmentation's instances are the shapes and the figure.
     """
-    image = _pose_background(rng, size)
+    size, textured = config.resolution, config.textures
+    image = _pose_background(rng, size, textured)
     joints, unit = _place_figure(rng, size)
     body, skin = _figure_masks(joints, unit, size)
     # The figure stands in front: shapes count only what it leaves visible.
-    shapes = _paint_shapes(rng, image, wanted=int(rng.integers(1, 3)), keep=body | skin)
+    shapes = _paint_shapes(
+        rng, image, wanted=int(rng.integers(1, 3)), textured=textured, keep=body | skin
+    )
     keypoints, figure = _paint_figure(rng, image, joints, unit)
-    rainy = _to_uint8(_add_rain(rng, image))
+    rainy = _to_uint8(_add_rain(rng, image, config.rain))
     segmentation = render_instances([*shapes, figure], seed=int(rng.integers(2**32)))
     targets = {
         "segmentation": segmentation,
@@ -398,7 +426,7 @@ def recognition_set(config: ToyWorldConfig, count: int) -> dict[str, list[Exampl
     """`count` mixed scenes, each with one example per task sharing its input: the queries (and
     supports) of task recognition. Scene i depends on (seed, i) only."""
     scenes = [
-        mixed_scene(np.random.default_rng([config.seed, RECOGNITION_STREAM, i]), config.resolution)
+        mixed_scene(np.random.default_rng([config.seed, RECOGNITION_STREAM, i]), config)
         for i in range(count)
     ]
     for i, scene in enumerate(scenes):
@@ -414,9 +442,9 @@ def toyworld_example(config: ToyWorldConfig, task: str, index: int) -> Example:
     if np.random.default_rng([config.seed, MIXED_STREAM, TASKS.index(task), index]).random() < (
         config.mixed
     ):
-        example = mixed_scene(rng, config.resolution)[task]
+        example = mixed_scene(rng, config)[task]
     else:
-        example = GENERATORS[task](rng, config.resolution)
+        example = GENERATORS[task](rng, config)
     example.source = f"toyworld/{task}/{index:06d}"
     return example
 

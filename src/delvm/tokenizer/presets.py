@@ -21,7 +21,9 @@ PRESETS: dict[str, VQGANConfig] = {
         quantized_embed_dim=64,
     ),
     # CPU-sized: 64 px -> 8 x 8 tokens. Pooling / nearest resampling (no resampling convs)
-    # halves the cost of a step and learns faster at this size.
+    # halves the cost of a step and learns faster at this size. No norm layers: GroupNorm's 32
+    # groups over 32 channels normalise each channel per image, which erases the colour of flat
+    # regions; on the untextured toy world 800 steps reach 20.5 dB without norms, 13 dB with.
     "cpu-64-f8-1024": VQGANConfig(
         resolution=64,
         hidden_channels=32,
@@ -33,6 +35,7 @@ PRESETS: dict[str, VQGANConfig] = {
         z_channels=32,
         num_embeddings=1024,
         quantized_embed_dim=32,
+        norm="none",
     ),
 }
 

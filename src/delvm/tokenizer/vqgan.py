@@ -56,13 +56,20 @@ class VQGANConfig:
     dropout: float = 0.0
     resample_with_conv: bool = True
     commitment_cost: float = 0.25
+    # Not an open-muse argument (open-muse always uses GroupNorm): "none" drops every norm layer,
+    # for small CPU shapes where 32 groups over 32 channels normalise each channel per image and
+    # erase the colour of flat regions. Written to config.json only when it is not "group".
+    norm: str = "group"
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+        if self.norm not in ("group", "none"):
+            raise DelvmError(f"VQGAN config: norm {self.norm!r}: choose 'group' or 'none'")
         widths = [self.hidden_channels * m for m in self.channel_mult]
-        if not self.channel_mult or any(w <= 0 or w % GROUPS for w in widths):
+        grouped = self.norm == "group"
+        if not self.channel_mult or any(w <= 0 or (grouped and w % GROUPS) for w in widths):
             raise DelvmError(
                 f"VQGAN config: hidden_channels x channel_mult = {widths}; every width must be a "
                 f"positive multiple of {GROUPS} (the GroupNorm groups)"
@@ -91,6 +98,8 @@ class VQGANConfig:
         out = asdict(self)
         out["channel_mult"] = list(self.channel_mult)
         out["attn_resolutions"] = list(self.attn_resolutions)
+        if self.norm == "group":
+            del out["norm"]  # the folder stays exactly an open-muse config
         return out
 
     @classmethod
@@ -109,18 +118,20 @@ class VQGANConfig:
 # ---- building blocks (names match open-muse's state dict keys) --------------------------------
 
 
-def _norm(channels: int) -> nn.GroupNorm:
+def _norm(channels: int, kind: str) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()  # no parameters, so no state dict keys
     return nn.GroupNorm(GROUPS, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """norm-SiLU-conv twice, plus the input (through a 1x1 conv when the width changes)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm: str):
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, norm)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = (
@@ -136,9 +147,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions, 1x1-conv projections, residual."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: str):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, norm)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in "qkvo")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -174,10 +185,12 @@ class Level(nn.Module):
     """One resolution of the encoder or decoder: res blocks (each followed by attention when
     this resolution is listed), then an optional resampling."""
 
-    def __init__(self, widths: list[tuple[int, int]], attn: bool, dropout: float):
+    def __init__(self, widths: list[tuple[int, int]], attn: bool, dropout: float, norm: str):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(i, o, dropout) for i, o in widths)
-        self.attn = nn.ModuleList(AttnBlock(o) for _, o in widths) if attn else nn.ModuleList()
+        self.block = nn.ModuleList(ResnetBlock(i, o, dropout, norm) for i, o in widths)
+        self.attn = (
+            nn.ModuleList(AttnBlock(o, norm) for _, o in widths) if attn else nn.ModuleList()
+        )
         self.downsample: Downsample | None = None
         self.upsample: Upsample | None = None
 
@@ -196,11 +209,11 @@ class Level(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, attn: bool, dropout: float):
+    def __init__(self, channels: int, attn: bool, dropout: float, norm: str):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels) if attn else None
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm)
+        self.attn_1 = AttnBlock(channels, norm) if attn else None
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.block_1(x)
@@ -218,14 +231,14 @@ class Encoder(nn.Module):
         block_in, res = c.hidden_channels, c.resolution
         for i, width in enumerate(widths):
             pairs = [(block_in if j == 0 else width, width) for j in range(c.num_res_blocks)]
-            level = Level(pairs, res in c.attn_resolutions, c.dropout)
+            level = Level(pairs, res in c.attn_resolutions, c.dropout, c.norm)
             if i != len(widths) - 1:
                 level.downsample = Downsample(width, c.resample_with_conv)
                 res //= 2
             self.down.append(level)
             block_in = width
-        self.mid = MidBlock(widths[-1], not c.no_attn_mid_block, c.dropout)
-        self.norm_out = _norm(widths[-1])
+        self.mid = MidBlock(widths[-1], not c.no_attn_mid_block, c.dropout, c.norm)
+        self.norm_out = _norm(widths[-1], c.norm)
         self.conv_out = nn.Conv2d(widths[-1], c.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -241,18 +254,18 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [c.hidden_channels * m for m in c.channel_mult]
         self.conv_in = nn.Conv2d(c.z_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1], not c.no_attn_mid_block, c.dropout)
+        self.mid = MidBlock(widths[-1], not c.no_attn_mid_block, c.dropout, c.norm)
         # `up[i]` works at the resolution of encoder level i; they run from the coarsest up.
         levels = []
         for i, width in enumerate(widths):
             block_in = widths[min(i + 1, len(widths) - 1)]
             pairs = [(block_in if j == 0 else width, width) for j in range(c.num_res_blocks + 1)]
-            level = Level(pairs, c.resolution // 2**i in c.attn_resolutions, c.dropout)
+            level = Level(pairs, c.resolution // 2**i in c.attn_resolutions, c.dropout, c.norm)
             if i != 0:
                 level.upsample = Upsample(width, c.resample_with_conv)
             levels.append(level)
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(widths[0])
+        self.norm_out = _norm(widths[0], c.norm)
         self.conv_out = nn.Conv2d(widths[0], c.num_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
