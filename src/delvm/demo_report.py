@@ -149,7 +149,8 @@ def write_report(demo: Demo) -> Path:
 a VQGAN tokenizer trained from scratch (held-out PSNR {final.get("psnr", float("nan")):.2f} dB,
 {final.get("used_codes", 0)} codes used, {tokenizer["steps"]} steps in {tokenizer["train_seconds"]:.0f} s),
 a balanced token store, and an LVM trained on visual sentences, prompted with
-{scores["shots"]} example pair(s) per query. Held-out queries come from a toy world of another seed.</p>
+{scores["shots"]} example pair(s) per query and decoded greedily (the most likely code at each
+step). Held-out queries come from a toy world of another seed.</p>
 <h2>Task scores against trivial baselines</h2>{scores_table}
 <h2>Task recognition</h2>
 <p>The same mixed-scene query (shapes, a figure and rain) under each task's prompt; an output counts

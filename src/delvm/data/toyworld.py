@@ -8,7 +8,9 @@
   synthetic rain streaks -> the clean image.
 
 Built for a small model on a 64 px f8 tokenizer to learn: few, large, high-contrast shapes, thick
-limbs, bold streaks, and the three tasks look nothing alike. Every example is a pure function of
+limbs, bold streaks, and the three tasks look nothing alike. `textures=False` goes further for
+the 2-core demo: flat fills and gentle gradients only (derain scenes are shapes on a gradient),
+which a tokenizer trained for minutes reconstructs; `rain` scales the streaks. Every example is a pure function of
 (seed, task, index), so any subset can be regenerated. Counts are long-tailed by default
 (segmentation 20x each of the others), so balancing matters.
 """
