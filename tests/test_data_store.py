@@ -40,9 +40,10 @@ IDENTITY = {"fingerprint": "f" * 16, "num_codes": 1024, "grid_size": 2, "path": 
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A random 16 px, f4 VQGAN (4x4 = 16 tokens per image) saved as a tokenizer folder."""
     torch.manual_seed(0)
+    # Untrained: GroupNorm keeps random codes varied (the norm-free preset gives one code).
     config = preset(
         "cpu-64-f8-1024", resolution=16, hidden_channels=32, channel_mult=(1, 1, 1),
-        z_channels=32, quantized_embed_dim=8, num_embeddings=256,
+        z_channels=32, quantized_embed_dim=8, num_embeddings=256, norm="group",
     )  # fmt: skip
     return VQGAN(config).eval().save_pretrained(tmp_path_factory.mktemp("tok"))
 

@@ -18,7 +18,10 @@ from delvm.tokenizer import VQGAN, preset
 @pytest.mark.slow
 def test_toy_pipeline_end_to_end(tmp_path: Path, capsys):
     torch.manual_seed(0)
-    tokenizer = VQGAN(preset("cpu-64-f8-1024", resolution=32, num_embeddings=128)).eval()
+    # Untrained: GroupNorm keeps random codes varied (the norm-free preset gives one code).
+    tokenizer = VQGAN(
+        preset("cpu-64-f8-1024", resolution=32, num_embeddings=128, norm="group")
+    ).eval()
     tok = tokenizer.save_pretrained(tmp_path / "tok")  # 32 px, f8 -> 4 x 4 tokens
     build = tmp_path / "build.toml"
     build.write_text(

@@ -93,7 +93,10 @@ def test_foreground_miou_on_a_pascal5i_layout(tmp_path):
 
     # The real path: a (random, untrained) model prompted with same-class supports.
     torch.manual_seed(0)
-    tokenizer = VQGAN(tokenizer_preset("cpu-64-f8-1024", resolution=32, num_embeddings=64)).eval()
+    # Untrained: GroupNorm keeps random codes varied (the norm-free preset gives one code).
+    tokenizer = VQGAN(
+        tokenizer_preset("cpu-64-f8-1024", resolution=32, num_embeddings=64, norm="group")
+    ).eval()
     model = VisualLM(preset("tiny", vocab_size=64, codebook_dim=32), tokenizer.codebook.detach())
     scores = foreground_miou(VisualPrompter(model, tokenizer), examples, shots=1)
     assert 0.0 <= scores["miou"] <= 1.0 and set(scores["per_class"]) == {"aeroplane", "bicycle"}
