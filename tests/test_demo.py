@@ -32,9 +32,12 @@ def test_demo_runs_end_to_end_then_reuses_every_stage(tmp_path, capsys):
     page = (out / "report.html").read_text()
     scores = json.loads((out / "scores.json").read_text())
     # Every headline score sits in the page next to its baseline.
-    for task, metric, model, _name, baseline, _beats in task_rows(scores):
+    for task, metric, model, _name, baseline, _beats, ceiling in task_rows(scores):
         assert f"<td>{task}</td><td>{metric}</td><td>{model:.3f}</td>" in page
-        assert f"{baseline:.3f}" in page
+        assert f"{baseline:.3f}" in page and f"{ceiling:.3f}</td></tr>" in page
+        assert ceiling == scores["ceiling"][task][{"mIoU": "miou", "PCK@0.2": "pck@0.2",
+                                                   "COCO AP": "coco_ap", "PSNR (dB)": "psnr",
+                                                   "SSIM": "ssim"}[metric]]  # fmt: skip
     assert scores["segmentation"]["baseline_black_miou"] == 0.0
     assert 0.0 <= scores["recognition"]["accuracy"] <= 1.0
     assert scores["shots"] == 1  # 256 tokens hold one example pair and the query pair

@@ -212,8 +212,25 @@ class Demo:
         examples = {
             task: [toyworld_example(held_out, task, i) for i in range(s.queries)] for task in TASKS
         }
+
+        def through_tokenizer(pool):
+            """Answers each query with its own truth through the tokenizer: the scores perfect
+            tokens would reach, the ceiling this tokenizer sets."""
+            truths = {e.images[0].tobytes(): e.images[1] for e in pool}
+            return lambda pairs, queries: prompter.reconstruct(
+                [truths[q.tobytes()] for q in queries]
+            )
+
+        seg, pose, derain = (examples[t] for t in ("segmentation", "pose", "derain"))
         result = {
             "validation": validation,
+            "ceiling": {
+                "segmentation": foreground_miou(
+                    through_tokenizer(seg), seg, shots, threshold=s.threshold
+                ),
+                "pose": pose_scores(through_tokenizer(pose), pose, shots),
+                "derain": derain_scores(through_tokenizer(derain), derain, shots),
+            },
             "shots": shots,
             "segmentation": foreground_miou(
                 predict, examples["segmentation"], shots, threshold=s.threshold

@@ -64,6 +64,10 @@ class VisualPrompter:
         """Images -> ids [n, tokens per image]."""
         return self.tokenizer.encode(np.stack([self.pixels(i) for i in images]))
 
+    def reconstruct(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
+        """Images through the tokenizer and back: the best any output of the model can look."""
+        return self._images(self.encode(images))
+
     def _images(self, ids: torch.Tensor) -> list[np.ndarray]:
         pixels = self.tokenizer.decode(ids.cpu())
         return list((pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8))
