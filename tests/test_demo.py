@@ -73,3 +73,13 @@ def test_config_errors_name_the_setting(tmp_path):
         load_demo_config(CONFIG, ["train.optim.speed=3"])
     with pytest.raises(DelvmError, match="no such config file"):
         load_demo_config(tmp_path / "missing.toml")
+
+
+def test_a_stage_stopped_by_a_signal_stops_the_demo(tmp_path, monkeypatch, capsys):
+    from delvm.tokenizer.train import TokenizerTrainer
+
+    # A trainer stopped by SIGTERM saves a checkpoint and returns without finishing.
+    monkeypatch.setattr(TokenizerTrainer, "run", lambda self: {})
+    assert main(["demo", str(CONFIG), f"out={tmp_path / 'demo'}", *TINY]) == 2
+    assert "stage tokenizer stopped before it finished" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "world" / "toyworld.json").exists()  # what was built stays

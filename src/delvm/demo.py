@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -102,14 +103,19 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(saved, settings)
 
-    def _stage(self, name: str, done: bool, work) -> None:
-        if done:
+    def _stage(self, name: str, done: Callable[[], bool], work: Callable[[], object]) -> None:
+        if done():
             self.timings[name] = "reused"
             print(f"[demo] {name}: reused")
             return
         print(f"[demo] {name} ...")
         start = time.perf_counter()
         work()
+        if not done():  # a trainer stopped by a signal returns after saving its checkpoint
+            raise DelvmError(
+                f"demo stage {name} stopped before it finished; run the same command again to "
+                "resume it"
+            )
         self.timings[name] = f"{time.perf_counter() - start:.0f} s"
         print(f"[demo] {name}: {self.timings[name]}")
 
@@ -127,7 +133,7 @@ class Demo:
                 shutil.rmtree(folder)
             write_toyworld(ToyWorldConfig(**self.config.world), folder)
 
-        self._stage("world", (folder / "toyworld.json").exists(), work)
+        self._stage("world", (folder / "toyworld.json").exists, work)
 
     def tokenizer(self) -> None:
         from delvm.tokenizer.train import TokenizerTrainer, recipe
@@ -137,7 +143,7 @@ class Demo:
         config = recipe(
             preset, **settings, data=str(self.paths["world"]), out=str(self.paths["tokenizer"])
         )
-        done = (self.paths["tokenizer"] / "report.json").exists()
+        done = (self.paths["tokenizer"] / "report.json").exists
         self._stage("tokenizer", done, lambda: TokenizerTrainer(config).run())
 
     def store(self) -> None:
@@ -151,7 +157,7 @@ class Demo:
             sources=sources,
             **self.config.store,
         )
-        done = (self.paths["store"] / "manifest.json").exists()
+        done = (self.paths["store"] / "manifest.json").exists
         self._stage("store", done, lambda: build_store(config))
 
     @property
@@ -172,7 +178,10 @@ class Demo:
         from delvm.train.trainer import Trainer
 
         config = self.train_config()
-        done = any(p.name == f"step-{config.steps:06d}" for p in checkpoint_dirs(config.out))
+
+        def done() -> bool:
+            return any(p.name == f"step-{config.steps:06d}" for p in checkpoint_dirs(config.out))
+
         self._stage("lvm", done, lambda: Trainer(config, open_sentences(config)).run())
 
     @property
@@ -181,7 +190,7 @@ class Demo:
 
     def scores(self) -> None:
         result_file = self.out / "scores.json"
-        self._stage("scores", result_file.exists(), lambda: write_json(result_file, self.measure()))
+        self._stage("scores", result_file.exists, lambda: write_json(result_file, self.measure()))
 
     def measure(self) -> dict:
         """Validation metrics, task scores vs baselines, task recognition, sample grids."""
