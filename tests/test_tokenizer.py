@@ -209,6 +209,9 @@ def test_norm_free_models_save_their_norm_and_group_ones_stay_open_muse_configs(
         load_tokenizer(folder)
     with pytest.raises(DelvmError, match="norm 'batch'"):
         VQGANConfig(norm="batch")
+    (folder / "config.json").write_text(json.dumps({**config, "norm": "batch"}))
+    with pytest.raises(DelvmError, match=r"none/config\.json: VQGAN config: norm 'batch'"):
+        load_tokenizer(folder)
 
 
 def test_presets_build_and_have_their_grids():

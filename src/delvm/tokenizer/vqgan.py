@@ -68,11 +68,15 @@ class VQGANConfig:
         if self.norm not in ("group", "none"):
             raise DelvmError(f"VQGAN config: norm {self.norm!r}: choose 'group' or 'none'")
         widths = [self.hidden_channels * m for m in self.channel_mult]
-        grouped = self.norm == "group"
-        if not self.channel_mult or any(w <= 0 or (grouped and w % GROUPS) for w in widths):
+        if not self.channel_mult or any(w <= 0 for w in widths):
             raise DelvmError(
-                f"VQGAN config: hidden_channels x channel_mult = {widths}; every width must be a "
-                f"positive multiple of {GROUPS} (the GroupNorm groups)"
+                f"VQGAN config: hidden_channels x channel_mult = {widths}; every width must be "
+                "positive"
+            )
+        if self.norm == "group" and any(w % GROUPS for w in widths):
+            raise DelvmError(
+                f"VQGAN config: hidden_channels x channel_mult = {widths}; with norm 'group' every "
+                f"width must be a multiple of {GROUPS} (the GroupNorm groups), or set norm 'none'"
             )
         if self.resolution % self.downsample_factor:
             raise DelvmError(
@@ -112,7 +116,10 @@ class VQGANConfig:
         name = data.get("_class_name", CLASS_NAME)
         if name != CLASS_NAME:
             raise DelvmError(f"{source}: _class_name is {name!r}, not a {CLASS_NAME} config")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except DelvmError as err:  # name the file the bad value came from
+            raise DelvmError(f"{source}: {err}") from None
 
 
 # ---- building blocks (names match open-muse's state dict keys) --------------------------------
