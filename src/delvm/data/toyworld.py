@@ -10,8 +10,8 @@
 Built for a small model on a 64 px f8 tokenizer to learn: few, large, high-contrast shapes, thick
 limbs, bold streaks, and the three tasks look nothing alike. `textures=False` goes further for
 the 2-core demo: flat fills and gentle gradients only (derain scenes are shapes on a gradient),
-which a tokenizer trained for minutes reconstructs; `rain` scales the streaks. Every example is a pure function of
-(seed, task, index), so any subset can be regenerated. Counts are long-tailed by default
+which a tokenizer trained for minutes reconstructs; `rain` scales the streaks. Every example is a
+pure function of (seed, task, index), so any subset can be regenerated. Counts are long-tailed by default
 (segmentation 20x each of the others), so balancing matters.
 """
 
@@ -204,16 +204,17 @@ def _paint_shapes(
     return masks
 
 
-def _background(rng: np.random.Generator, size: int, textured: bool) -> np.ndarray:
-    """A low-contrast background for shapes."""
+def _shape_scene(
+    rng: np.random.Generator, size: int, textured: bool
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """1-3 shapes over a low-contrast background: the image (float) and the shapes' masks."""
     base = rng.uniform(30, 200, 3)
-    return _texture(rng, size, base, np.clip(base + rng.uniform(-35, 35, 3), 0, 255), textured)
+    image = _texture(rng, size, base, np.clip(base + rng.uniform(-35, 35, 3), 0, 255), textured)
+    return image, _paint_shapes(rng, image, wanted=int(rng.integers(1, 4)), textured=textured)
 
 
 def _segmentation(rng: np.random.Generator, config: ToyWorldConfig) -> Example:
-    size, textured = config.resolution, config.textures
-    image = _background(rng, size, textured)
-    masks = _paint_shapes(rng, image, wanted=int(rng.integers(1, 4)), textured=textured)
+    image, masks = _shape_scene(rng, config.resolution, config.textures)
     target = render_instances(masks, seed=int(rng.integers(2**32)))
     return Example("segmentation", [_to_uint8(image), target], "", meta={"nearest": [False, True]})
 
@@ -365,8 +366,7 @@ def _derain(rng: np.random.Generator, config: ToyWorldConfig) -> Example:
     """A photo (70 %) or a texture under rain; untextured: a gradient with flat shapes."""
     size, textured = config.resolution, config.textures
     if not textured:
-        clean = _background(rng, size, textured)
-        _paint_shapes(rng, clean, wanted=int(rng.integers(1, 4)), textured=textured)
+        clean, _ = _shape_scene(rng, size, textured)
     elif rng.random() < 0.7:
         clean = _photo_crop(rng, size)
     else:
