@@ -53,12 +53,12 @@ class DemoConfig:
 
 
 def load_demo_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:
-    from delvm.train.config import load_config
-
-    config = load_config(path, list(overrides), schema=DemoConfig)
     from delvm.data.store import BuildConfig
     from delvm.data.toyworld import ToyWorldConfig
     from delvm.tokenizer.train import TokenizerTrainConfig
+    from delvm.train.config import load_config
+
+    config = load_config(path, list(overrides), schema=DemoConfig)
 
     for section, schema, reserved in (
         ("world", ToyWorldConfig, set()),
@@ -222,30 +222,26 @@ class Demo:
             task: [toyworld_example(held_out, task, i) for i in range(s.queries)] for task in TASKS
         }
 
-        def through_tokenizer(pool):
-            """Answers each query with its own truth through the tokenizer: the scores perfect
-            tokens would reach, the ceiling this tokenizer sets."""
-            truths = {e.images[0].tobytes(): e.images[1] for e in pool}
-            return lambda pairs, queries: prompter.reconstruct(
-                [truths[q.tobytes()] for q in queries]
-            )
+        def task_scores(predict_fn) -> dict:
+            seg, pose, derain = (examples[t] for t in ("segmentation", "pose", "derain"))
+            return {
+                "segmentation": foreground_miou(predict_fn, seg, shots, threshold=s.threshold),
+                "pose": pose_scores(predict_fn, pose, shots),
+                "derain": derain_scores(predict_fn, derain, shots),
+            }
 
-        seg, pose, derain = (examples[t] for t in ("segmentation", "pose", "derain"))
+        # The tokenizer's ceiling: each query answered with its own truth through the tokenizer,
+        # the scores an LVM predicting every code right would reach.
+        truths = {e.images[0].tobytes(): e.images[1] for pool in examples.values() for e in pool}
+
+        def perfect_tokens(pairs, queries):
+            return prompter.reconstruct([truths[q.tobytes()] for q in queries])
+
         result = {
             "validation": validation,
-            "ceiling": {
-                "segmentation": foreground_miou(
-                    through_tokenizer(seg), seg, shots, threshold=s.threshold
-                ),
-                "pose": pose_scores(through_tokenizer(pose), pose, shots),
-                "derain": derain_scores(through_tokenizer(derain), derain, shots),
-            },
             "shots": shots,
-            "segmentation": foreground_miou(
-                predict, examples["segmentation"], shots, threshold=s.threshold
-            ),
-            "pose": pose_scores(predict, examples["pose"], shots),
-            "derain": derain_scores(predict, examples["derain"], shots),
+            **task_scores(predict),
+            "ceiling": task_scores(perfect_tokens),
             "recognition": task_recognition(
                 predict, recognition_set(held_out, s.recognition), s.recognition, shots
             ),
