@@ -28,7 +28,8 @@ from delvm.data.store import (
     write_store,
 )
 from delvm.errors import DelvmError
-from delvm.tokenizer import VQGAN, load_tokenizer, preset
+from delvm.tokenizer import load_tokenizer
+from tests.support.tiny import untrained_cpu_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -39,13 +40,11 @@ IDENTITY = {"fingerprint": "f" * 16, "num_codes": 1024, "grid_size": 2, "path": 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A random 16 px, f4 VQGAN (4x4 = 16 tokens per image) saved as a tokenizer folder."""
-    torch.manual_seed(0)
-    # Untrained: GroupNorm keeps random codes varied (the norm-free preset gives one code).
-    config = preset(
-        "cpu-64-f8-1024", resolution=16, hidden_channels=32, channel_mult=(1, 1, 1),
-        z_channels=32, quantized_embed_dim=8, num_embeddings=256, norm="group",
+    tokenizer = untrained_cpu_tokenizer(
+        resolution=16, hidden_channels=32, channel_mult=(1, 1, 1), z_channels=32,
+        quantized_embed_dim=8, num_embeddings=256,
     )  # fmt: skip
-    return VQGAN(config).eval().save_pretrained(tmp_path_factory.mktemp("tok"))
+    return tokenizer.save_pretrained(tmp_path_factory.mktemp("tok"))
 
 
 def write_pairs(root: Path, count: int, seed: int, size=(20, 24)) -> Path:

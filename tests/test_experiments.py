@@ -5,20 +5,17 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from delvm.cli import main
 from delvm.data.store import open_store
-from delvm.tokenizer import VQGAN, preset
+from tests.support.tiny import untrained_cpu_tokenizer
 
 TASKS = {"segmentation", "pose", "derain"}
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    # Untrained: GroupNorm keeps random codes varied (the norm-free preset gives one code).
-    model = VQGAN(preset("cpu-64-f8-1024", resolution=32, num_embeddings=128, norm="group")).eval()
+    model = untrained_cpu_tokenizer(resolution=32, num_embeddings=128)
     return model.save_pretrained(tmp_path_factory.mktemp("tok") / "tok")  # 4 x 4 tokens
 
 

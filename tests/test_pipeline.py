@@ -12,16 +12,12 @@ from transformers import LlamaForCausalLM
 
 from delvm.checkpoint import load_model
 from delvm.cli import main
-from delvm.tokenizer import VQGAN, preset
+from tests.support.tiny import untrained_cpu_tokenizer
 
 
 @pytest.mark.slow
 def test_toy_pipeline_end_to_end(tmp_path: Path, capsys):
-    torch.manual_seed(0)
-    # Untrained: GroupNorm keeps random codes varied (the norm-free preset gives one code).
-    tokenizer = VQGAN(
-        preset("cpu-64-f8-1024", resolution=32, num_embeddings=128, norm="group")
-    ).eval()
+    tokenizer = untrained_cpu_tokenizer(resolution=32, num_embeddings=128)
     tok = tokenizer.save_pretrained(tmp_path / "tok")  # 32 px, f8 -> 4 x 4 tokens
     build = tmp_path / "build.toml"
     build.write_text(

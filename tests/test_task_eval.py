@@ -3,7 +3,6 @@ layout runs end to end through the real source and prompter."""
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from delvm.data.augment import resize_example
@@ -15,8 +14,7 @@ from delvm.errors import DelvmError
 from delvm.model import VisualLM, preset
 from delvm.prompting import VisualPrompter
 from delvm.task_eval import derain_scores, foreground_miou, pose_scores, task_recognition
-from delvm.tokenizer import VQGAN
-from delvm.tokenizer import preset as tokenizer_preset
+from tests.support.tiny import untrained_cpu_tokenizer
 
 
 def oracle(examples):
@@ -92,11 +90,7 @@ def test_foreground_miou_on_a_pascal5i_layout(tmp_path):
     assert white["miou"] == pytest.approx(white["baseline_foreground_miou"])
 
     # The real path: a (random, untrained) model prompted with same-class supports.
-    torch.manual_seed(0)
-    # Untrained: GroupNorm keeps random codes varied (the norm-free preset gives one code).
-    tokenizer = VQGAN(
-        tokenizer_preset("cpu-64-f8-1024", resolution=32, num_embeddings=64, norm="group")
-    ).eval()
+    tokenizer = untrained_cpu_tokenizer(resolution=32, num_embeddings=64)
     model = VisualLM(preset("tiny", vocab_size=64, codebook_dim=32), tokenizer.codebook.detach())
     scores = foreground_miou(VisualPrompter(model, tokenizer), examples, shots=1)
     assert 0.0 <= scores["miou"] <= 1.0 and set(scores["per_class"]) == {"aeroplane", "bicycle"}

@@ -4,6 +4,7 @@ import torch
 
 from delvm.model import VisualLM, preset
 from delvm.tokenizer import VQGAN, VQGANConfig
+from delvm.tokenizer import preset as tokenizer_preset
 
 TINY_VQGAN = VQGANConfig(
     resolution=32,
@@ -24,3 +25,13 @@ def tiny_tokenizer_and_model(images: int = 6) -> tuple[VQGAN, VisualLM]:
     tokenizer = VQGAN(TINY_VQGAN).eval()
     config = preset("tiny", vocab_size=64, codebook_dim=8, max_seq_len=256 * images)
     return tokenizer, VisualLM(config, codebook=tokenizer.codebook.detach()).eval()
+
+
+def untrained_cpu_tokenizer(**overrides) -> VQGAN:
+    """The demo's CPU tokenizer shape, seeded and untrained, with `overrides` of its fields.
+
+    It keeps GroupNorm: an untrained norm-free net (the preset's own setting) maps every patch to
+    one code, which would leave nothing for a test to tell apart.
+    """
+    torch.manual_seed(0)
+    return VQGAN(tokenizer_preset("cpu-64-f8-1024", norm="group", **overrides)).eval()
