@@ -131,6 +131,14 @@ def test_resume_with_a_different_model_is_an_error(tmp_path):
         Trainer(changed, PatternSentences()).run()
 
 
+def test_a_table_setting_given_as_text_is_named_before_training(tmp_path):
+    # A TOML inline table on the command line is not parsed: it arrives as a string.
+    with pytest.raises(DelvmError, match="model.overrides .* must be a table"):
+        tiny_config(tmp_path / "run", "model.overrides={hidden_size=192}")
+    with pytest.raises(DelvmError, match="data.task_weights .* must be a table"):
+        tiny_config(tmp_path / "run", "data.task_weights=2")
+
+
 def test_continual_stages_write_a_task_by_stage_matrix(tmp_path):
     config = tiny_config(tmp_path / "run", "steps=4", "lr_policy='rescale'",
                          "stages=[{'tasks': ['segmentation'], 'steps': 2}, {'tasks': ['pose'], 'steps': 2}]")  # fmt: skip

@@ -16,10 +16,23 @@ from typing import Any
 from delvm.errors import DelvmError
 
 
+def _check_table(name: str, value: Any, example: str) -> None:
+    """A table setting given as a plain value (e.g. a TOML inline table typed on the command line,
+    which overrides do not parse) fails here, before any work starts."""
+    if not isinstance(value, dict):
+        raise DelvmError(
+            f"config {name} = {value!r}: it must be a table; override one key at a time, "
+            f"e.g. {example}"
+        )
+
+
 @dataclass
 class ModelSection:
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)  # any ModelConfig field, e.g. {num_layers = 4}
+
+    def __post_init__(self) -> None:
+        _check_table("model.overrides", self.overrides, "model.overrides.num_layers=4")
 
 
 @dataclass
@@ -31,6 +44,9 @@ class DataSection:
     val_fraction: float = 0.05  # held-out share of each task's original examples
     val_sentences: int = 16  # per task, for the validation metrics
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_table("data.task_weights", self.task_weights, "data.task_weights.pose=2")
 
 
 @dataclass
