@@ -7,7 +7,7 @@ import argparse
 from dataclasses import fields
 
 from delvm.data.store_cli import add_store_commands
-from delvm.data.toyworld import TASKS, ToyWorldConfig, write_toyworld
+from delvm.data.toyworld import SEGMENTATION_TARGETS, TASKS, ToyWorldConfig, write_toyworld
 
 
 def _toyworld(args: argparse.Namespace) -> None:
@@ -53,6 +53,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         metavar="DENSITY",
         help=f"rain streaks relative to the default 15-30 per image (default {defaults.rain})",
+    )
+    toy.add_argument(
+        "--segmentation-target",
+        choices=SEGMENTATION_TARGETS,
+        help="segmentation answers: each instance in a random colour, or every instance white "
+        f"(default {defaults.segmentation_target})",
     )
     toy.add_argument(
         "--no-textures",

@@ -1,7 +1,9 @@
 """The toy world: a procedural, seeded generator of the paper's three tasks, the demo's default.
 
 - segmentation: 1-3 large shapes (discs, ellipses, rectangles, triangles; flat colours or bold
-  stripes/checks) over a low-contrast texture -> each visible instance in a random colour on black.
+  stripes/checks) over a low-contrast texture -> each visible instance in a random colour on black
+  (SA-1B style), or every instance white on black (`segmentation_target="foreground"`, Pascal-5i
+  style).
 - pose: an articulated figure with COCO's 17 joints, drawn as thick limbs over a texture or a
   dimmed sample photo -> its skeleton map (render.py's colour code).
 - derain: a packaged sample photo (assets/, see LICENSES.md) or a procedural texture with bold
@@ -10,7 +12,9 @@
 Built for a small model on a 64 px f8 tokenizer to learn: few, large, high-contrast shapes, thick
 limbs, bold streaks, and the three tasks look nothing alike. `textures=False` goes further for
 the 2-core demo: flat fills and gentle gradients only (derain scenes are shapes on a gradient),
-which a tokenizer trained for minutes reconstructs; `rain` scales the streaks. Every example is a
+which a tokenizer trained for minutes reconstructs; `rain` scales the streaks; foreground targets
+give segmentation one answer per scene (random instance colours cannot be predicted, so a small
+model's most likely code there is black). Every example is a
 pure function of (seed, task, index), so any subset can be regenerated. Counts are long-tailed by default
 (segmentation 20x each of the others), so balancing matters.
 """
@@ -30,7 +34,13 @@ from tqdm import tqdm
 
 from delvm.data.augment import CropParams, crop_resize
 from delvm.data.example import Example
-from delvm.data.render import COCO_JOINTS, paint_capsule, render_instances, render_skeleton
+from delvm.data.render import (
+    COCO_JOINTS,
+    paint_capsule,
+    render_foreground,
+    render_instances,
+    render_skeleton,
+)
 from delvm.errors import DelvmError
 from delvm.fileio import write_json
 from delvm.images import load_image
@@ -38,6 +48,7 @@ from delvm.images import load_image
 TASKS = ("segmentation", "pose", "derain")
 # Whether a task's target is a colour code (resampled with nearest) rather than a photo.
 NEAREST_TARGET = {"segmentation": True, "pose": True, "derain": False}
+SEGMENTATION_TARGETS = ("instances", "foreground")
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,8 @@ class ToyWorldConfig:
     examples per task; mixed: the share of each task's examples drawn as a mixed scene (shapes, a
     figure and rain in one input; see `mixed_scene`); textures: patterned fills and sample photos
     (False: flat colours and gentle gradients only, a world a CPU-sized tokenizer reconstructs);
-    rain: how many streaks fall, relative to the default 15-30 per image."""
+    rain: how many streaks fall, relative to the default 15-30 per image; segmentation_target:
+    "instances" (each instance in a random colour) or "foreground" (every instance white)."""
 
     seed: int = 0
     resolution: int = 64
@@ -56,6 +68,7 @@ class ToyWorldConfig:
     mixed: float = 0.0
     textures: bool = True
     rain: float = 1.0
+    segmentation_target: str = "instances"
 
     def __post_init__(self) -> None:
         if not 32 <= self.resolution <= 1024:
@@ -67,6 +80,11 @@ class ToyWorldConfig:
             raise DelvmError(f"toyworld mixed = {self.mixed}: use a share between 0 and 1")
         if not 0 < self.rain <= 10:
             raise DelvmError(f"toyworld rain = {self.rain}: use a density in (0, 10] (default 1)")
+        if self.segmentation_target not in SEGMENTATION_TARGETS:
+            raise DelvmError(
+                f"toyworld segmentation_target = {self.segmentation_target!r}: use one of "
+                f"{SEGMENTATION_TARGETS}"
+            )
 
     def counts(self) -> dict[str, int]:
         return {task: getattr(self, task) for task in TASKS}
@@ -213,9 +231,18 @@ def _shape_scene(
     return image, _paint_shapes(rng, image, wanted=int(rng.integers(1, 4)), textured=textured)
 
 
+def _segmentation_target(
+    rng: np.random.Generator, masks: list[np.ndarray], config: ToyWorldConfig
+) -> np.ndarray:
+    seed = int(rng.integers(2**32))  # drawn for both kinds, so the rest of the scene is the same
+    if config.segmentation_target == "foreground":
+        return render_foreground(np.logical_or.reduce(masks))
+    return render_instances(masks, seed=seed)
+
+
 def _segmentation(rng: np.random.Generator, config: ToyWorldConfig) -> Example:
     image, masks = _shape_scene(rng, config.resolution, config.textures)
-    target = render_instances(masks, seed=int(rng.integers(2**32)))
+    target = _segmentation_target(rng, masks, config)
     return Example("segmentation", [_to_uint8(image), target], "", meta={"nearest": [False, True]})
 
 
@@ -399,7 +426,7 @@ def mixed_scene(rng: np.random.Generator, config: ToyWorldConfig) -> dict[str, E
     )
     keypoints, figure = _paint_figure(rng, image, joints, unit)
     rainy = _to_uint8(_add_rain(rng, image, config.rain))
-    segmentation = render_instances([*shapes, figure], seed=int(rng.integers(2**32)))
+    segmentation = _segmentation_target(rng, [*shapes, figure], config)
     targets = {
         "segmentation": segmentation,
         "pose": render_skeleton(keypoints, size, size),
