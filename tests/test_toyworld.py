@@ -201,3 +201,26 @@ def test_rain_density_scales_the_streaks():
     np.testing.assert_array_equal(*clean)  # the scene is the same; only the rain differs
     with pytest.raises(DelvmError, match="rain"):
         ToyWorldConfig(rain=0)
+
+
+def test_foreground_segmentation_targets_are_the_instances_in_white(tmp_path):
+    instances = ToyWorldConfig(textures=False, mixed=0.5)
+    foreground = replace(instances, segmentation_target="foreground")
+    for index in range(12):  # plain and mixed scenes
+        a = toyworld_example(instances, "segmentation", index)
+        b = toyworld_example(foreground, "segmentation", index)
+        np.testing.assert_array_equal(a.images[0], b.images[0])  # the same scene
+        expected = np.where(a.images[1].any(axis=2, keepdims=True), 255, 0)
+        np.testing.assert_array_equal(b.images[1], np.broadcast_to(expected, b.images[1].shape))
+    # Only the segmentation answer changes: pose and derain are drawn as before.
+    for task in ("pose", "derain"):
+        for a, b in zip(toyworld_example(instances, task, 1).images,
+                        toyworld_example(foreground, task, 1).images, strict=True):  # fmt: skip
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(DelvmError, match="segmentation_target"):
+        ToyWorldConfig(segmentation_target="semantic")
+    out = tmp_path / "world"
+    args = ["data", "toyworld", str(out), "--segmentation", "2", "--pose", "0", "--derain", "0"]
+    assert main(args + ["--segmentation-target", "foreground"]) == 0
+    summary = json.loads((out / "toyworld.json").read_text())
+    assert summary["config"]["segmentation_target"] == "foreground"
