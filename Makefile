@@ -1,7 +1,10 @@
 # `make test` and `make demo` each create the virtual environment they need.
 VENV := .venv
 PY := $(VENV)/bin/python
+# Two stamps: the demo needs delvm alone; tests, lint and benchmarks add the test extras
+# (pytest, ruff, transformers, playwright), which the demo need not wait for.
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: test demo demo-full lint bench
 
@@ -10,11 +13,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, by exact version: it is the CPU build on local disk.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
+
 # One thread per test process: two-thread kernels stall badly when the machine is busy.
-test: $(STAMP)
+test: $(TEST_STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 # The whole pipeline on the toy world (about 15 minutes on 2 cores); reruns reuse finished stages.
@@ -22,14 +29,14 @@ demo: $(STAMP)
 	$(VENV)/bin/delvm demo configs/demo.toml
 	@echo "report: demo_out/report.html"
 
-# The same pipeline, longer (about 50 minutes on 2 cores), into demo_full_out/.
+# The same pipeline, longer (about 45 minutes on 2 cores, estimated), into demo_full_out/.
 demo-full: $(STAMP)
 	$(VENV)/bin/delvm demo configs/demo_full.toml
 	@echo "report: demo_full_out/report.html"
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) benchmarks/model_throughput.py
