@@ -14,9 +14,9 @@ limbs, bold streaks, and the three tasks look nothing alike. `textures=False` go
 the 2-core demo: flat fills and gentle gradients only (derain scenes are shapes on a gradient),
 which a tokenizer trained for minutes reconstructs; `rain` scales the streaks; foreground targets
 give segmentation one answer per scene (random instance colours cannot be predicted, so a small
-model's most likely code there is black). Every example is a
-pure function of (seed, task, index), so any subset can be regenerated. Counts are long-tailed by default
-(segmentation 20x each of the others), so balancing matters.
+model's most likely code there is black). Every example is a pure function of (seed, task, index),
+so any subset can be regenerated. Counts are long-tailed by default (segmentation 20x each of the
+others), so balancing matters.
 """
 
 from __future__ import annotations
