@@ -1,8 +1,8 @@
 # `make test` and `make demo` each create the virtual environment they need.
 VENV := .venv
 PY := $(VENV)/bin/python
-# Two stamps: the demo needs delvm alone; tests, lint and benchmarks add the test extras
-# (pytest, ruff, transformers, playwright), which the demo need not wait for.
+# Two stamps: the demo needs delvm alone; tests, lint and benchmarks add the test and serve extras
+# (pytest, ruff, transformers, playwright; gradio), which the demo need not wait for.
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,serve]'
 	touch $(TEST_STAMP)
 
 # One thread per test process: two-thread kernels stall badly when the machine is busy.

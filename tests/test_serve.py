@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,10 @@ def test_serve_cli_reports_a_bad_examples_folder(prompter, tmp_path, capsys):
     args = ["serve", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok")]
     assert main([*args, "--examples", str(tmp_path / "none")]) == 2
     assert "no task folders" in capsys.readouterr().err
+
+
+def test_serve_without_gradio_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
+    args = ["serve", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok")]
+    assert main(args) == 2
+    assert ".[serve]" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from delvm.tokenizer.train import (
     BatchPlan,
     TokenizerTrainConfig,
     TokenizerTrainer,
+    balance_by_folder,
     lr_at,
     recipe,
     split_held_out,
@@ -188,6 +189,30 @@ def test_held_out_split_is_stable(tmp_path):
     assert len(held) == 5 and not set(train) & set(held)
     _, held_more = split_held_out(files + [tmp_path / "new.png"], tmp_path, 5)
     assert len(set(held) & set(held_more)) >= 4
+
+
+def test_balance_by_folder_draws_every_subfolder_equally(tmp_path):
+    common = [tmp_path / "segmentation" / "input" / f"{i}.png" for i in range(6)]
+    rare = [tmp_path / "pose" / f"{i}.png" for i in range(2)]
+    loose = [tmp_path / "x.png"]
+    balanced = balance_by_folder(common + rare + loose, tmp_path)
+    assert balanced[:6] == common  # the largest folder once, in order
+    assert balanced[6:12] == rare * 3 and balanced[12:] == loose * 6
+    assert balance_by_folder([], tmp_path) == []
+
+
+def test_balanced_training_reads_the_rare_folder_as_often(scenes, tmp_path):
+    data = tmp_path / "data"
+    for i, image in enumerate(sorted(scenes.glob("*.png"))):
+        folder = data / ("common" if i < 20 else "rare")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, folder / image.name)
+    config = TokenizerTrainConfig(
+        data=str(data), out=str(tmp_path / "run"), model=TINY_MODEL, val_images=0,
+        balance_folders=True,
+    )  # fmt: skip
+    files = TokenizerTrainer(config).train_files
+    assert len(files) == 40 and sum(f.parent.name == "rare" for f in files) == 20
 
 
 def test_lr_schedule():

@@ -263,6 +263,13 @@ def launch(
 def _run_serve(args) -> None:
     from delvm.prompting import load_prompter
 
+    try:
+        import gradio  # noqa: F401  (checked before the model loads)
+    except ImportError:
+        raise DelvmError(
+            "delvm serve needs Gradio, an optional extra: pip install -e '.[serve]' in the "
+            "repository (make test installs it too)"
+        ) from None
     prompter = load_prompter(args.checkpoint, args.tokenizer, args.device)
     if args.examples is None:
         examples = toyworld_examples(prompter.size)

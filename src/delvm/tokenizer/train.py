@@ -22,6 +22,7 @@ import math
 import shutil
 import signal
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -88,6 +89,9 @@ class TokenizerTrainConfig:
     # the cost per image: half-side crops give 4x the steps in the same time.
     crop: int = 0
     val_images: int = 256  # held out (chosen by a hash of the file name), never trained on
+    # Draw every top-level subfolder of `data` equally often (a long-tailed folder, such as the
+    # toy world's tasks at 10:1:1, otherwise gives its rare kinds few reconstructions to learn).
+    balance_folders: bool = False
     eval_every: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -158,6 +162,17 @@ def split_held_out(files: list[Path], root: Path, count: int) -> tuple[list[Path
     )
     held = set(rank[:count])
     return [p for p in files if p not in held], [p for p in files if p in held]
+
+
+def balance_by_folder(files: list[Path], root: Path) -> list[Path]:
+    """Each top-level subfolder's files repeated in turn up to the largest one's count, so an
+    epoch draws every folder equally often; files directly in ``root`` are one more group."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        parts = path.relative_to(root).parts
+        groups[parts[0] if len(parts) > 1 else ""].append(path)
+    largest = max((len(group) for group in groups.values()), default=0)
+    return [group[i % len(group)] for group in groups.values() for i in range(largest)]
 
 
 class BatchPlan:
@@ -238,6 +253,8 @@ class TokenizerTrainer:
         root = Path(config.data)
         files = list_images(root)
         self.train_files, self.val_files = split_held_out(files, root, config.val_images)
+        if config.balance_folders:
+            self.train_files = balance_by_folder(self.train_files, root)
         if not self.train_files:
             raise DelvmError(
                 f"{root}: {len(files)} images leave none to train on after holding out "
@@ -479,6 +496,7 @@ class TokenizerTrainer:
                 f"parameters, {self.model.num_codes} codes, {self.model.grid_size}x"
                 f"{self.model.grid_size} tokens per {self.size} px image; "
                 f"{len(self.train_files)} training / {len(self.val_files)} held-out images"
+                + (" (subfolders balanced: rarer ones repeated)" if config.balance_folders else "")
             )
         plan = BatchPlan(
             len(self.train_files), config.batch_size, world, config.seed, self.step, config.steps
