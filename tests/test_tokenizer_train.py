@@ -136,6 +136,19 @@ def test_resume_refuses_changed_settings(scenes, tmp_path):
         TokenizerTrainer(config(scenes, tmp_path, steps=2, lr=0.002), ONE).run()
 
 
+def test_resume_accepts_a_checkpoint_older_than_a_new_setting(scenes, tmp_path):
+    TokenizerTrainer(config(scenes, tmp_path, steps=2), ONE).run()
+    state_file = tmp_path / "checkpoints" / "step-000002" / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["config"]["balance_folders"]  # as written before the setting existed
+    torch.save(state, state_file)
+    trainer = TokenizerTrainer(config(scenes, tmp_path, steps=2), ONE)
+    assert trainer.resume() and trainer.step == 2
+    changed = TokenizerTrainer(config(scenes, tmp_path, steps=2, balance_folders=True), ONE)
+    with pytest.raises(DelvmError, match="written with balance_folders=False"):
+        changed.resume()
+
+
 def test_training_learns_and_reports(scenes, tmp_path):
     trainer = TokenizerTrainer(
         config(scenes, tmp_path, steps=60, eval_every=30, checkpoint_every=60), ONE

@@ -322,7 +322,9 @@ class TokenizerTrainer:
             return False
         latest = found[-1]
         state = read_training_state(latest)
-        saved, mine = state["config"], self.config.to_dict()
+        # A setting added after the checkpoint was written ran at its default there.
+        saved = {**TokenizerTrainConfig().to_dict(), **state["config"]}
+        mine = self.config.to_dict()
         for key in sorted(set(saved) | set(mine)):
             if key not in RESUMABLE_CHANGES and json.dumps(saved.get(key)) != json.dumps(
                 mine.get(key)
