@@ -18,11 +18,11 @@ from delvm.cli import main
 from delvm.data import store as store_module
 from delvm.data.augment import augment_example, resize_example
 from delvm.data.sources import iter_paired_folders
-from delvm.data.sources.common import example_seed
 from delvm.data.store import (
     BuildConfig,
     Builder,
     TaskArrays,
+    copy_seed,
     load_build_config,
     open_store,
     write_store,
@@ -186,9 +186,31 @@ def test_build_stores_the_tokens_of_resized_and_augmented_examples(tmp_path, tok
         if copy == 0:
             made = resize_example(example, 16)
         else:
-            made = augment_example(example, augment, example_seed(0, f"{example.source}#{copy}"))
+            seed = copy_seed(0, "small", int(small_task.origin[row]), copy)
+            made = augment_example(example, augment, seed)
         expected = tokenizer.encode(torch.from_numpy(np.stack(made.images)))
         np.testing.assert_array_equal(small_task.tokens[row], expected.numpy())
+
+
+def test_the_same_data_in_another_folder_builds_the_same_augmented_copies(tmp_path, tokenizer_dir):
+    # The copies' seeds must not depend on where the data sits (they once hashed the file path).
+    tokens = []
+    for place in ("here", "elsewhere/deeper"):
+        write_pairs(tmp_path / place / "big", 8, seed=1)
+        write_pairs(tmp_path / place / "small", 2, seed=2)
+        config = BuildConfig(
+            out=str(tmp_path / place / "store"), tokenizer=str(tokenizer_dir),
+            augment={"scale": [0.3, 1.0]},
+            sources=[{"format": "paired", "root": str(tmp_path / place / name), "task": name}
+                     for name in ("big", "small")],
+        )  # fmt: skip
+        tokenizer = load_tokenizer(tokenizer_dir)
+        Builder(config, tokenizer).run()
+        store = open_store(config.out, fingerprint=tokenizer.fingerprint())
+        assert store.tasks["small"].copy.max() == 3
+        tokens.append({name: np.asarray(task.tokens) for name, task in store.tasks.items()})
+    for name in ("big", "small"):
+        np.testing.assert_array_equal(tokens[0][name], tokens[1][name])
 
 
 def test_balance_none_and_explicit_copies_and_the_cap(tmp_path, tokenizer_dir):

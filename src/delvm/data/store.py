@@ -370,6 +370,12 @@ def load_build_config(path: str | Path, **overrides) -> BuildConfig:
 # ---- the build ---------------------------------------------------------------------------------
 
 
+def copy_seed(seed: int, task: str, origin: int, copy: int) -> int:
+    """The seed of one augmented copy: from the example's place in its task, not its file path,
+    so the same data built from another folder gets the same copies."""
+    return example_seed(seed, f"{task}/{origin}#{copy}")
+
+
 class ShardWriter:
     """One shard: collects examples, encodes them `batch_size` at a time, writes atomically.
 
@@ -558,7 +564,7 @@ class Builder:
                 writer = writers.setdefault(
                     (task, number), ShardWriter(stem, self._encode, self.config.batch_size)
                 )
-                writer.add(origin, self._rows(kind, item, copies))
+                writer.add(origin, self._rows(kind, item, origin, copies))
                 if writer.originals == self.config.shard_size:
                     writer.finish()
                     del writers[(task, number)]
@@ -568,14 +574,14 @@ class Builder:
         return result
 
     def _rows(
-        self, kind: str, example: Example, copies: dict[str, int]
+        self, kind: str, example: Example, origin: int, copies: dict[str, int]
     ) -> Iterator[tuple[int, Example]]:
         """(copy index, image-size example) pairs made from one original example."""
         if kind == "base":
             yield 0, resize_example(example, self.size)
             return
         for copy in range(1, copies[example.task] + 1):
-            seed = example_seed(self.config.seed, f"{example.source}#{copy}")
+            seed = copy_seed(self.config.seed, example.task, origin, copy)
             yield copy, augment_example(example, self._augment(example.task), seed)
 
     def _augment(self, task: str) -> AugmentConfig:
