@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from delvm.checkpoint import load_model, save_model
 from delvm.errors import DelvmError
 from delvm.model import VisualLM, preset
+from delvm.train import precision
 from delvm.train.config import OptimSection, load_config
 from delvm.train.distill import kd_loss
 from delvm.train.optim import cosine_lr, stage_lr
@@ -213,3 +215,16 @@ def test_an_imported_hugging_face_folder_teaches(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     kd = [r["loss_kd"] for r in records if "loss_kd" in r]
     assert len(kd) == 2 and all(v > 0 for v in kd)
+
+
+def test_bf16_autocast_where_asked_and_a_warning_on_a_cpu_that_emulates_it(monkeypatch):
+    cpu = torch.device("cpu")
+    assert not precision.training_autocast("auto", cpu)._enabled  # auto: bf16 on GPUs only
+    assert not precision.training_autocast("fp32", cpu)._enabled
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.training_autocast("bf16", cpu)._enabled
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)
+    with pytest.warns(UserWarning, match="without AMX.*set precision = fp32"):
+        assert precision.training_autocast("bf16", cpu)._enabled

@@ -43,6 +43,7 @@ from delvm.tokenizer.presets import preset
 from delvm.tokenizer.quality import codebook_usage, psnr
 from delvm.tokenizer.vqgan import VQGAN, read_state
 from delvm.train.distributed import World, barrier, init_world
+from delvm.train.precision import PRECISIONS, training_autocast
 from delvm.train.state import checkpoint_dirs, read_training_state, rng_state, set_rng_state
 
 STATE_NAME = "training_state.pt"
@@ -103,7 +104,7 @@ class TokenizerTrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.perceptual_weights = list(self.perceptual_weights)
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise DelvmError(f"precision {self.precision!r}: choose auto, fp32 or bf16")
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
@@ -238,10 +239,7 @@ class TokenizerTrainer:
                 betas=config.betas,
                 weight_decay=config.weight_decay,
             )
-        use_bf16 = config.precision == "bf16" or (
-            config.precision == "auto" and self.device.type == "cuda"
-        )
-        self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=use_bf16)
+        self.autocast = training_autocast(config.precision, self.device)
 
         self.size = self.model.config.resolution
         factor = self.model.config.downsample_factor

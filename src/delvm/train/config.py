@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from delvm.errors import DelvmError
+from delvm.train.precision import PRECISIONS
 
 
 def _check_table(name: str, value: Any, example: str) -> None:
@@ -103,7 +104,7 @@ class TrainConfig:
     stages: list = field(default_factory=list)  # [StageSection]; empty: one stage, all tasks
 
     def __post_init__(self) -> None:
-        choices = {"parallel": ("ddp", "fsdp"), "precision": ("auto", "fp32", "bf16"),
+        choices = {"parallel": ("ddp", "fsdp"), "precision": PRECISIONS,
                    "lr_policy": ("continue", "rescale")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -31,6 +31,7 @@ from delvm.train.config import TrainConfig
 from delvm.train.distill import kd_loss, load_teacher
 from delvm.train.distributed import World, all_reduce_mean, barrier, init_world, wrap_model
 from delvm.train.optim import build_optimizer, stage_lr
+from delvm.train.precision import training_autocast
 from delvm.train.state import (
     checkpoint_dirs,
     read_training_state,
@@ -141,10 +142,7 @@ class Trainer:
         self.tokens_per_step = (
             self.global_rows * config.grad_accum * config.data.seq_len
         )  # the paper's 262,144
-        use_bf16 = config.precision == "bf16" or (
-            config.precision == "auto" and self.device.type == "cuda"
-        )
-        self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=use_bf16)
+        self.autocast = training_autocast(config.precision, self.device)
         self.step = 0
         self.history: list[dict] = []
         self.stage_results: list[dict] = []
