@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from delvm.train.config import ModelSection, OptimSection
 from delvm.train.distributed import World, all_reduce_mean, barrier, init_world, wrap_model
 from delvm.train.optim import cosine_lr
 from delvm.train.state import (
+    StopSignals,
     checkpoint_dirs,
     read_training_state,
     restore_training_state,
@@ -183,10 +183,6 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-class StopRequested(Exception):
-    pass
-
-
 class ClassifierTrainer:
     def __init__(self, config: ClassifyConfig, world: World | None = None):
         self.config = config
@@ -223,7 +219,6 @@ class ClassifierTrainer:
         )  # fmt: skip
         self.step = 0
         self.history: list[dict] = []
-        self._stop_signal: int | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -298,16 +293,12 @@ class ClassifierTrainer:
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
-
     def run(self) -> dict | None:
         """Train to ``steps``; returns the last validation result (None without a val set)."""
         config, world = self.config, self.world
         self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
         logger = RunLogger(self.out, world.is_main, config.tensorboard)
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         per_rank = config.batch // world.size
         rows = range(world.rank * per_rank, (world.rank + 1) * per_rank)
         loader = DataLoader(
@@ -320,39 +311,35 @@ class ClassifierTrainer:
                   f"{sum(p.numel() for p in self.bare.parameters()):,} parameters")  # fmt: skip
         bar = tqdm(total=config.steps, initial=self.step, disable=not world.is_main, desc="train")
         result = None
-        try:
-            self.model.train()
-            for images, labels in loader:
-                lr = cosine_lr(self.step, config.steps, config.optim)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-                record = self.train_step(images, labels)
-                self.step += 1
-                record.update(step=self.step, lr=lr)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                if self.step % config.log_every == 0 or self.step == config.steps:
-                    logger.log(record)
-                    self.history.append({k: record[k] for k in ("step", "loss", "lr")})
-                last = self.step == config.steps
-                if self.val_set is not None and (self.step % config.eval_every == 0 or last):
-                    result = self.evaluate()
-                    logger.log({"step": self.step, "val": result})
-                if self.step % config.checkpoint_every == 0 or last:
-                    self.save()
-                if self._stop_signal is not None:
-                    self.save()
-                    raise StopRequested
-        except StopRequested:
-            if world.is_main:
-                print(
-                    f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved"
-                )
-        finally:
-            bar.close()
-            logger.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+        with StopSignals() as stop:
+            try:
+                self.model.train()
+                for images, labels in loader:
+                    lr = cosine_lr(self.step, config.steps, config.optim)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr * group["lr_scale"]
+                    record = self.train_step(images, labels)
+                    self.step += 1
+                    record.update(step=self.step, lr=lr)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                    if self.step % config.log_every == 0 or self.step == config.steps:
+                        logger.log(record)
+                        self.history.append({k: record[k] for k in ("step", "loss", "lr")})
+                    last = self.step == config.steps
+                    if self.val_set is not None and (self.step % config.eval_every == 0 or last):
+                        result = self.evaluate()
+                        logger.log({"step": self.step, "val": result})
+                    if self.step % config.checkpoint_every == 0 or last:
+                        self.save()
+                    if stop.received is not None:
+                        self.save()
+                        break
+            finally:
+                bar.close()
+                logger.close()
+        if stop.received is not None and world.is_main:
+            print(f"stopped by signal {stop.received} at step {self.step}; checkpoint saved")
         if world.is_main and result is not None:
             print(format_result(result))
         return result

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import shutil
-import signal
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -44,7 +43,13 @@ from delvm.tokenizer.quality import codebook_usage, psnr
 from delvm.tokenizer.vqgan import VQGAN, read_state
 from delvm.train.distributed import World, barrier, init_world
 from delvm.train.precision import PRECISIONS, training_autocast
-from delvm.train.state import checkpoint_dirs, read_training_state, rng_state, set_rng_state
+from delvm.train.state import (
+    StopSignals,
+    checkpoint_dirs,
+    read_training_state,
+    rng_state,
+    set_rng_state,
+)
 
 STATE_NAME = "training_state.pt"
 DISC_NAME = "discriminator.safetensors"
@@ -263,7 +268,6 @@ class TokenizerTrainer:
         self.seconds = 0.0  # training wall-clock, summed over resumptions
         self.history: list[dict] = []
         self.skipped: dict[str, str] = {}
-        self._stop_signal: int | None = None
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if self.world.size == 1:
@@ -481,9 +485,6 @@ class TokenizerTrainer:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
-
     def run(self) -> dict:
         """Train to ``steps`` (resuming if ``out`` has a checkpoint); returns the final report."""
         config, world = self.config, self.world
@@ -509,44 +510,42 @@ class TokenizerTrainer:
             generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
         )
         log = (self.out / "log.jsonl").open("a") if main else None
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=config.steps, initial=self.step, desc="train tokenizer", disable=not main)
         self.model.train()
-        try:
-            for items in loader:
-                lr = lr_at(self.step, config)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                if self.disc_optimizer is not None:
-                    for group in self.disc_optimizer.param_groups:
-                        group["lr"] = lr * (config.disc_lr or config.lr) / config.lr
-                start = time.perf_counter()
-                x = self._batch(items)
-                record = self.train_step(x)
-                self.seconds += time.perf_counter() - start
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", rec=f"{record['rec']:.4f}")
-                if main and (self.step % config.log_every == 0 or self.step == config.steps):
-                    record.update(step=self.step, lr=lr, seconds=round(self.seconds, 2))
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                if self.step % config.eval_every == 0 or self.step == config.steps:
-                    self._evaluate_and_log(log)
-                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                    self.save()
-                if self._stop_signal is not None:
-                    if self.step % config.checkpoint_every:
+        with StopSignals() as stop:
+            try:
+                for items in loader:
+                    lr = lr_at(self.step, config)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    if self.disc_optimizer is not None:
+                        for group in self.disc_optimizer.param_groups:
+                            group["lr"] = lr * (config.disc_lr or config.lr) / config.lr
+                    start = time.perf_counter()
+                    x = self._batch(items)
+                    record = self.train_step(x)
+                    self.seconds += time.perf_counter() - start
+                    self.step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", rec=f"{record['rec']:.4f}")
+                    if main and (self.step % config.log_every == 0 or self.step == config.steps):
+                        record.update(step=self.step, lr=lr, seconds=round(self.seconds, 2))
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    if self.step % config.eval_every == 0 or self.step == config.steps:
+                        self._evaluate_and_log(log)
+                    if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                         self.save()
-                    if main:
-                        print(f"stopped by signal {self._stop_signal} at step {self.step}; saved")
-                    return {}
-        finally:
-            bar.close()
-            if log:
-                log.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+                    if stop.received is not None:
+                        if self.step % config.checkpoint_every:
+                            self.save()
+                        if main:
+                            print(f"stopped by signal {stop.received} at step {self.step}; saved")
+                        return {}
+            finally:
+                bar.close()
+                if log:
+                    log.close()
         return self._finish()
 
     def _evaluate_and_log(self, log) -> None:

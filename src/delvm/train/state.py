@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,3 +108,32 @@ def restore_training_state(
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     set_rng_state(state["rng"])
+
+
+class StopSignals:
+    """SIGTERM and SIGINT while a training loop runs: recorded, not raised, so the loop can save a
+    checkpoint at the end of its step and return; rerunning the command resumes from it.
+
+        with StopSignals() as stop:
+            for step in ...:
+                ...
+                if stop.received is not None:
+                    save(); break
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {
+            s: signal.signal(s, self._record) for s in (signal.SIGTERM, signal.SIGINT)
+        }
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = signum

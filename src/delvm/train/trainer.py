@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +32,7 @@ from delvm.train.distributed import World, all_reduce_mean, barrier, init_world,
 from delvm.train.optim import build_optimizer, stage_lr
 from delvm.train.precision import training_autocast
 from delvm.train.state import (
+    StopSignals,
     checkpoint_dirs,
     read_training_state,
     restore_training_state,
@@ -60,10 +60,6 @@ class SentenceSource(Protocol):
     def val_batches(self, batch_size: int) -> list[tuple[Tensor, list[str]]]: ...
 
     def codebook(self) -> Tensor | None: ...
-
-
-class StopRequested(Exception):
-    pass
 
 
 def model_config_for(config: TrainConfig, source: SentenceSource) -> ModelConfig:
@@ -146,7 +142,6 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.stage_results: list[dict] = []
-        self._stop_signal: int | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -255,15 +250,11 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
-
     def run(self) -> Path:
         config, world = self.config, self.world
         self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
         logger = RunLogger(self.out, world.is_main, config.tensorboard)
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bounds = [(first, steps) for first, steps, _ in self.plan]
         flops = 6 * sum(p.numel() for p in self.bare.parameters() if p.requires_grad)
         if world.is_main:
@@ -273,50 +264,46 @@ class Trainer:
                 f"{config.data.seq_len} tokens"
             )
         bar = tqdm(total=config.steps, initial=self.step, disable=not world.is_main, desc="train")
-        try:
-            self.model.train()
-            while self.step < config.steps:
-                stage = next(i for i, (f, n, _) in enumerate(self.plan) if self.step < f + n)
-                lr = stage_lr(self.step, bounds, config.lr_policy, config.optim)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                start = time.perf_counter()
-                record = self.train_step(self.plan[stage][2])
-                seconds = time.perf_counter() - start
-                self.step += 1
-                record.update(step=self.step, lr=lr, stage=stage,
-                              tokens_per_s=self.tokens_per_step / seconds)  # fmt: skip
-                if config.peak_tflops > 0:
-                    achieved = flops * self.tokens_per_step / seconds / world.size
-                    record["mfu"] = achieved / (config.peak_tflops * 1e12)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                if self.step % config.log_every == 0 or self.step == config.steps:
-                    logger.log(record)
-                    self.history.append({k: record[k] for k in ("step", "loss", "lr")})
-                stage_end = self.step == sum(bounds[stage])
-                if self.step % config.eval_every == 0 or stage_end:
-                    result = self.evaluate()
-                    logger.log({"step": self.step, "val": result})
-                    if stage_end and len(self.plan) > 1:
-                        self.stage_results.append(
-                            {"stage": stage, "step": self.step, "val": result}
-                        )
-                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                    self.save()
-                if self._stop_signal is not None:
-                    self.save()
-                    raise StopRequested
-        except StopRequested:
-            if world.is_main:
-                print(
-                    f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved"
-                )
-        finally:
-            bar.close()
-            logger.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+        with StopSignals() as stop:
+            try:
+                self.model.train()
+                while self.step < config.steps:
+                    stage = next(i for i, (f, n, _) in enumerate(self.plan) if self.step < f + n)
+                    lr = stage_lr(self.step, bounds, config.lr_policy, config.optim)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    start = time.perf_counter()
+                    record = self.train_step(self.plan[stage][2])
+                    seconds = time.perf_counter() - start
+                    self.step += 1
+                    record.update(step=self.step, lr=lr, stage=stage,
+                                  tokens_per_s=self.tokens_per_step / seconds)  # fmt: skip
+                    if config.peak_tflops > 0:
+                        achieved = flops * self.tokens_per_step / seconds / world.size
+                        record["mfu"] = achieved / (config.peak_tflops * 1e12)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                    if self.step % config.log_every == 0 or self.step == config.steps:
+                        logger.log(record)
+                        self.history.append({k: record[k] for k in ("step", "loss", "lr")})
+                    stage_end = self.step == sum(bounds[stage])
+                    if self.step % config.eval_every == 0 or stage_end:
+                        result = self.evaluate()
+                        logger.log({"step": self.step, "val": result})
+                        if stage_end and len(self.plan) > 1:
+                            self.stage_results.append(
+                                {"stage": stage, "step": self.step, "val": result}
+                            )
+                    if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                        self.save()
+                    if stop.received is not None:
+                        self.save()
+                        break
+            finally:
+                bar.close()
+                logger.close()
+        if stop.received is not None and world.is_main:
+            print(f"stopped by signal {stop.received} at step {self.step}; checkpoint saved")
         if world.is_main and len(self.plan) > 1 and self.step == config.steps:
             (self.out / "stages.json").write_text(json.dumps(self.stage_results, indent=2))
             (self.out / "stages.md").write_text(stage_matrix(self.stage_results, self.plan))
