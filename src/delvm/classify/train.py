@@ -41,6 +41,7 @@ from delvm.model import VisualLM, preset
 from delvm.train.config import ModelSection, OptimSection
 from delvm.train.distributed import World, all_reduce_mean, barrier, init_world, wrap_model
 from delvm.train.optim import cosine_lr
+from delvm.train.precision import PRECISIONS, training_autocast
 from delvm.train.state import (
     StopSignals,
     checkpoint_dirs,
@@ -114,7 +115,7 @@ class ClassifyConfig:
     recipe: RecipeSection = field(default_factory=RecipeSection)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise DelvmError(f"config precision = {self.precision!r}: use auto, fp32 or bf16")
         if self.batch < 1 or self.steps < 1:
             raise DelvmError("config batch and steps must be positive")
@@ -209,10 +210,7 @@ class ClassifierTrainer:
         o = config.optim
         groups = param_groups(bare, o.weight_decay, config.recipe.layer_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
-        use_bf16 = config.precision == "bf16" or (
-            config.precision == "auto" and self.device.type == "cuda"
-        )
-        self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=use_bf16)
+        self.autocast = training_autocast(config.precision, self.device)
         self.augment = AugmentConfig(
             size=self.classifier_config.image_size, scale=tuple(config.data.crop_scale),
             ratio=tuple(config.data.crop_ratio), hflip=config.data.hflip,
