@@ -14,6 +14,7 @@ the global batch is split across ranks (DDP).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -309,33 +310,29 @@ class ClassifierTrainer:
                   f"{sum(p.numel() for p in self.bare.parameters()):,} parameters")  # fmt: skip
         bar = tqdm(total=config.steps, initial=self.step, disable=not world.is_main, desc="train")
         result = None
-        with StopSignals() as stop:
-            try:
-                self.model.train()
-                for images, labels in loader:
-                    lr = cosine_lr(self.step, config.steps, config.optim)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr * group["lr_scale"]
-                    record = self.train_step(images, labels)
-                    self.step += 1
-                    record.update(step=self.step, lr=lr)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                    if self.step % config.log_every == 0 or self.step == config.steps:
-                        logger.log(record)
-                        self.history.append({k: record[k] for k in ("step", "loss", "lr")})
-                    last = self.step == config.steps
-                    if self.val_set is not None and (self.step % config.eval_every == 0 or last):
-                        result = self.evaluate()
-                        logger.log({"step": self.step, "val": result})
-                    if self.step % config.checkpoint_every == 0 or last:
-                        self.save()
-                    if stop.received is not None:
-                        self.save()
-                        break
-            finally:
-                bar.close()
-                logger.close()
+        with StopSignals() as stop, bar, contextlib.closing(logger):
+            self.model.train()
+            for images, labels in loader:
+                lr = cosine_lr(self.step, config.steps, config.optim)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                record = self.train_step(images, labels)
+                self.step += 1
+                record.update(step=self.step, lr=lr)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    logger.log(record)
+                    self.history.append({k: record[k] for k in ("step", "loss", "lr")})
+                last = self.step == config.steps
+                if self.val_set is not None and (self.step % config.eval_every == 0 or last):
+                    result = self.evaluate()
+                    logger.log({"step": self.step, "val": result})
+                if self.step % config.checkpoint_every == 0 or last:
+                    self.save()
+                if stop.received is not None:
+                    self.save()
+                    break
         if stop.received is not None and world.is_main:
             print(f"stopped by signal {stop.received} at step {self.step}; checkpoint saved")
         if world.is_main and result is not None:

@@ -16,6 +16,7 @@ where the last checkpoint left it. Under torchrun, each rank trains on its slice
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -512,40 +513,35 @@ class TokenizerTrainer:
         log = (self.out / "log.jsonl").open("a") if main else None
         bar = tqdm(total=config.steps, initial=self.step, desc="train tokenizer", disable=not main)
         self.model.train()
-        with StopSignals() as stop:
-            try:
-                for items in loader:
-                    lr = lr_at(self.step, config)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    if self.disc_optimizer is not None:
-                        for group in self.disc_optimizer.param_groups:
-                            group["lr"] = lr * (config.disc_lr or config.lr) / config.lr
-                    start = time.perf_counter()
-                    x = self._batch(items)
-                    record = self.train_step(x)
-                    self.seconds += time.perf_counter() - start
-                    self.step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", rec=f"{record['rec']:.4f}")
-                    if main and (self.step % config.log_every == 0 or self.step == config.steps):
-                        record.update(step=self.step, lr=lr, seconds=round(self.seconds, 2))
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                    if self.step % config.eval_every == 0 or self.step == config.steps:
-                        self._evaluate_and_log(log)
-                    if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+        with StopSignals() as stop, bar, log or contextlib.nullcontext():
+            for items in loader:
+                lr = lr_at(self.step, config)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                if self.disc_optimizer is not None:
+                    for group in self.disc_optimizer.param_groups:
+                        group["lr"] = lr * (config.disc_lr or config.lr) / config.lr
+                start = time.perf_counter()
+                x = self._batch(items)
+                record = self.train_step(x)
+                self.seconds += time.perf_counter() - start
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", rec=f"{record['rec']:.4f}")
+                if main and (self.step % config.log_every == 0 or self.step == config.steps):
+                    record.update(step=self.step, lr=lr, seconds=round(self.seconds, 2))
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if self.step % config.eval_every == 0 or self.step == config.steps:
+                    self._evaluate_and_log(log)
+                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                    self.save()
+                if stop.received is not None:
+                    if self.step % config.checkpoint_every:
                         self.save()
-                    if stop.received is not None:
-                        if self.step % config.checkpoint_every:
-                            self.save()
-                        if main:
-                            print(f"stopped by signal {stop.received} at step {self.step}; saved")
-                        return {}
-            finally:
-                bar.close()
-                if log:
-                    log.close()
+                    if main:
+                        print(f"stopped by signal {stop.received} at step {self.step}; saved")
+                    return {}
         return self._finish()
 
     def _evaluate_and_log(self, log) -> None:

@@ -1,8 +1,8 @@
 """Training precision: fp32, or bf16 autocast (fp32 weights and optimizer state, bf16 matmuls).
 
 `auto` is bf16 on GPUs and fp32 on CPUs. On a CPU with AMX tiles (Intel Xeon since Sapphire
-Rapids) bf16 also pays: the demo's tokenizer and LVM train about 1.5x faster than in fp32
-(benchmarks/precision_cpu.py). Elsewhere a CPU emulates bf16, several times slower than fp32, so
+Rapids) bf16 also pays: on 2 cores the demo's tokenizer step runs about 1.6x and its LVM step
+about 1.15x faster than in fp32 (benchmarks/precision_cpu.py). Elsewhere a CPU emulates bf16, several times slower than fp32, so
 asking for it there gets a warning rather than a silently slow run.
 """
 

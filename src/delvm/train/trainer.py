@@ -264,44 +264,40 @@ class Trainer:
                 f"{config.data.seq_len} tokens"
             )
         bar = tqdm(total=config.steps, initial=self.step, disable=not world.is_main, desc="train")
-        with StopSignals() as stop:
-            try:
-                self.model.train()
-                while self.step < config.steps:
-                    stage = next(i for i, (f, n, _) in enumerate(self.plan) if self.step < f + n)
-                    lr = stage_lr(self.step, bounds, config.lr_policy, config.optim)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    start = time.perf_counter()
-                    record = self.train_step(self.plan[stage][2])
-                    seconds = time.perf_counter() - start
-                    self.step += 1
-                    record.update(step=self.step, lr=lr, stage=stage,
-                                  tokens_per_s=self.tokens_per_step / seconds)  # fmt: skip
-                    if config.peak_tflops > 0:
-                        achieved = flops * self.tokens_per_step / seconds / world.size
-                        record["mfu"] = achieved / (config.peak_tflops * 1e12)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                    if self.step % config.log_every == 0 or self.step == config.steps:
-                        logger.log(record)
-                        self.history.append({k: record[k] for k in ("step", "loss", "lr")})
-                    stage_end = self.step == sum(bounds[stage])
-                    if self.step % config.eval_every == 0 or stage_end:
-                        result = self.evaluate()
-                        logger.log({"step": self.step, "val": result})
-                        if stage_end and len(self.plan) > 1:
-                            self.stage_results.append(
-                                {"stage": stage, "step": self.step, "val": result}
-                            )
-                    if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                        self.save()
-                    if stop.received is not None:
-                        self.save()
-                        break
-            finally:
-                bar.close()
-                logger.close()
+        with StopSignals() as stop, bar, contextlib.closing(logger):
+            self.model.train()
+            while self.step < config.steps:
+                stage = next(i for i, (f, n, _) in enumerate(self.plan) if self.step < f + n)
+                lr = stage_lr(self.step, bounds, config.lr_policy, config.optim)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                start = time.perf_counter()
+                record = self.train_step(self.plan[stage][2])
+                seconds = time.perf_counter() - start
+                self.step += 1
+                record.update(step=self.step, lr=lr, stage=stage,
+                              tokens_per_s=self.tokens_per_step / seconds)  # fmt: skip
+                if config.peak_tflops > 0:
+                    achieved = flops * self.tokens_per_step / seconds / world.size
+                    record["mfu"] = achieved / (config.peak_tflops * 1e12)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    logger.log(record)
+                    self.history.append({k: record[k] for k in ("step", "loss", "lr")})
+                stage_end = self.step == sum(bounds[stage])
+                if self.step % config.eval_every == 0 or stage_end:
+                    result = self.evaluate()
+                    logger.log({"step": self.step, "val": result})
+                    if stage_end and len(self.plan) > 1:
+                        self.stage_results.append(
+                            {"stage": stage, "step": self.step, "val": result}
+                        )
+                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                    self.save()
+                if stop.received is not None:
+                    self.save()
+                    break
         if stop.received is not None and world.is_main:
             print(f"stopped by signal {stop.received} at step {self.step}; checkpoint saved")
         if world.is_main and len(self.plan) > 1 and self.step == config.steps:
