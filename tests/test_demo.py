@@ -40,6 +40,12 @@ def test_demo_runs_end_to_end_then_reuses_every_stage(tmp_path, capsys):
                                                    "SSIM": "ssim"}[metric]]  # fmt: skip
     assert scores["segmentation"]["baseline_black_miou"] == 0.0
     assert 0.0 <= scores["recognition"]["accuracy"] <= 1.0
+    dependence = scores["prompt_dependence"]
+    assert (
+        set(dependence["nll"]) == set(dependence["per_task"]) == {"segmentation", "pose", "derain"}
+    )
+    nll = dependence["nll"]["pose"]["segmentation"]
+    assert nll > 0 and f"{nll:.3f}" in page
     assert scores["shots"] == 1  # 256 tokens hold one example pair and the query pair
     assert page.count("data:image/png;base64,") == 5  # curves + 3 task grids + recognition grid
     for stage in STAGES[:-1]:

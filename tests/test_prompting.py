@@ -43,6 +43,32 @@ def test_prompt_is_examples_then_query_and_batches_agree(parts):
     assert np.array_equal(decoded[0], batched[0])
 
 
+def test_answer_nll_is_transformers_loss_on_the_answer_tokens(parts, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from delvm.hf import load_hf_model
+
+    tokenizer, _ = parts
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=1024, tie_word_embeddings=False)  # fmt: skip
+    reference = LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    prompter = VisualPrompter(load_hf_model(tmp_path / "hf").eval(), tokenizer)
+    pair, queries, answers = (images(1, 1)[0], images(1, 2)[0]), images(2, 3), images(2, 4)
+    ours = prompter.answer_nll([pair], queries, answers)
+    for query, answer, nll in zip(queries, answers, ours, strict=True):
+        ids = tokenizer.encode(np.stack([*pair, query, answer])).reshape(1, -1)
+        labels = ids.clone()
+        labels[:, : -prompter.image_tokens] = -100  # the loss on the answer's tokens only
+        with torch.no_grad():
+            expected = reference(input_ids=ids, labels=labels).loss.item()
+        assert nll == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(DelvmError, match="one answer per query"):
+        prompter.answer_nll([pair], queries, answers[:1])
+
+
 def test_inpaint_keeps_the_top_half(parts):
     tokenizer, model = parts
     prompter = VisualPrompter(model, tokenizer)

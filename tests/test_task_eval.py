@@ -13,7 +13,13 @@ from delvm.data.toyworld import ToyWorldConfig, iter_toyworld
 from delvm.errors import DelvmError
 from delvm.model import VisualLM, preset
 from delvm.prompting import VisualPrompter
-from delvm.task_eval import derain_scores, foreground_miou, pose_scores, task_recognition
+from delvm.task_eval import (
+    derain_scores,
+    foreground_miou,
+    pose_scores,
+    prompt_dependence,
+    task_recognition,
+)
 from tests.support.tiny import untrained_cpu_tokenizer
 
 
@@ -117,3 +123,28 @@ def test_task_recognition_counts_outputs_nearest_the_prompted_truth():
     tasks["bright"][0] = Example("bright", [inputs[1], inputs[1]], "x")
     with pytest.raises(DelvmError, match="different inputs"):
         task_recognition(follows, tasks, queries=3, shots=1)
+
+
+def test_prompt_dependence_counts_truths_most_likely_under_their_own_prompt():
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    tasks = {
+        "dark": [Example("dark", [x, np.zeros_like(x)], "d") for x in inputs],
+        "bright": [Example("bright", [x, np.full_like(x, 255)], "b") for x in inputs],
+    }
+
+    def reads_the_prompt(pairs, queries, answers):
+        # Expects answers as bright as the prompt's output: off by 1 nat per 255 levels.
+        style = pairs[0][1].mean()
+        return [abs(float(a.mean()) - style) / 255 + 2.0 for a in answers]
+
+    def ignores_the_prompt(pairs, queries, answers):
+        return [float(a.mean()) / 255 for a in answers]
+
+    read = prompt_dependence(reads_the_prompt, tasks, queries=3, shots=1)
+    assert read["accuracy"] == 1.0
+    assert read["nll"]["dark"] == {"bright": 3.0, "dark": 2.0}
+    assert read["nll"]["bright"] == {"bright": 2.0, "dark": 3.0}
+    ignored = prompt_dependence(ignores_the_prompt, tasks, queries=3, shots=1)
+    assert ignored["accuracy"] == 0.0  # ties do not count
+    assert ignored["nll"]["dark"] == ignored["nll"]["bright"]

@@ -197,7 +197,13 @@ class Demo:
         from delvm.data.toyworld import TASKS, ToyWorldConfig, recognition_set, toyworld_example
         from delvm.evaluate import evaluate
         from delvm.prompting import load_prompter, save_grid
-        from delvm.task_eval import derain_scores, foreground_miou, pose_scores, task_recognition
+        from delvm.task_eval import (
+            derain_scores,
+            foreground_miou,
+            pose_scores,
+            prompt_dependence,
+            task_recognition,
+        )
         from delvm.train.cli import open_sentences
 
         s = self.config.scores
@@ -237,13 +243,15 @@ class Demo:
         def perfect_tokens(pairs, queries):
             return prompter.reconstruct([truths[q.tobytes()] for q in queries])
 
+        mixed_scenes = recognition_set(held_out, s.recognition)
         result = {
             "validation": validation,
             "shots": shots,
             **task_scores(predict),
             "ceiling": task_scores(perfect_tokens),
-            "recognition": task_recognition(
-                predict, recognition_set(held_out, s.recognition), s.recognition, shots
+            "recognition": task_recognition(predict, mixed_scenes, s.recognition, shots),
+            "prompt_dependence": prompt_dependence(
+                prompter.answer_nll, mixed_scenes, s.recognition, shots
             ),
         }
         grids = self.out / "grids"

@@ -127,6 +127,14 @@ def write_report(demo: Demo) -> Path:
         [[t, f"{100 * v:.1f} %"] for t, v in recognition["per_task"].items()]
         + [["all", f"<b>{100 * recognition['accuracy']:.1f} %</b>"]],
     )
+    dependence = scores["prompt_dependence"]
+    truths = list(dependence["per_task"])
+    dependence_table = _table(
+        ["prompt \\ truth", *truths],
+        [[prompt, *(f"{nll[t]:.3f}" for t in truths)] for prompt, nll in dependence["nll"].items()]
+        + [["most likely under its own prompt",
+            *(f"{100 * dependence['per_task'][t]:.1f} %" for t in truths)]],
+    )  # fmt: skip
     validation_rows = []
     for task, metrics in sorted(scores["validation"].items()):
         cells = [task]
@@ -169,6 +177,12 @@ LVM that predicts every code right would score.</p>{scores_table}
 when it is nearest (MSE) to the prompted task's truth. Chance is 33 %.</p>{recognition_table}
 <p>Query | output under the segmentation, pose and derain prompts:</p>
 <img class='grid' src='{recognition_grid}'>
+<p>Does the prompt change what the model expects? Each truth of the same queries, scored under
+each task's prompt without generating anything (teacher-forced, nats per token, lower is more
+likely). A model that reads the prompt is lowest on the diagonal; a column of equal values means
+the prompt is ignored for that task. Overall
+{100 * dependence["accuracy"]:.1f} % of truths are most likely under their own prompt.</p>
+{dependence_table}
 <h2>Prompt &rarr; output</h2>{grids}
 <h2>Validation (held-out sentences)</h2>{validation_table}
 <h2>Curves</h2><img src='{_png(figure)}' style='width:100%'>

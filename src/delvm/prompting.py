@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from delvm.errors import DelvmError
@@ -72,15 +73,17 @@ class VisualPrompter:
         pixels = self.tokenizer.decode(ids.cpu())
         return list((pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8))
 
-    def continue_ids(
-        self, prompts: torch.Tensor, new_tokens: int, sampling: SamplingConfig | None
-    ) -> torch.Tensor:
-        needed = prompts.shape[1] + new_tokens
+    def _check_context(self, needed: int) -> None:
         if needed > self.model.config.max_seq_len:
             raise DelvmError(
                 f"the prompt needs {needed} tokens but the model's context is "
                 f"{self.model.config.max_seq_len}; use fewer example pairs"
             )
+
+    def continue_ids(
+        self, prompts: torch.Tensor, new_tokens: int, sampling: SamplingConfig | None
+    ) -> torch.Tensor:
+        self._check_context(prompts.shape[1] + new_tokens)
         return self.generator(prompts, new_tokens, sampling)
 
     def __call__(
@@ -96,6 +99,28 @@ class VisualPrompter:
         query_ids = self.encode(queries)
         prompts = torch.cat([context.expand(len(queries), -1), query_ids], dim=1)
         return self._images(self.continue_ids(prompts, self.image_tokens, sampling))
+
+    @torch.no_grad()
+    def answer_nll(
+        self,
+        examples: Sequence[tuple[ImageLike, ImageLike]],
+        queries: Sequence[ImageLike],
+        answers: Sequence[ImageLike],
+    ) -> list[float]:
+        """How strongly the model expects each answer: the mean negative log-likelihood (nats
+        per token) of answer i's codes after the example pairs and query i (teacher-forced)."""
+        if len(queries) != len(answers) or not queries:
+            raise DelvmError(
+                f"one answer per query: {len(queries)} queries, {len(answers)} answers"
+            )
+        context = self.encode([image for pair in examples for image in pair]).reshape(1, -1)
+        answer_ids = self.encode(answers)
+        ids = torch.cat([context.expand(len(queries), -1), self.encode(queries), answer_ids], 1)
+        self._check_context(ids.shape[1])
+        device = next(self.model.parameters()).device
+        logits = self.model(ids[:, :-1].to(device))[:, -self.image_tokens :].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), answer_ids.to(device), reduction="none")
+        return nll.mean(1).tolist()
 
     def inpaint(
         self, images: Sequence[ImageLike], sampling: SamplingConfig | None = None

@@ -20,6 +20,8 @@ from delvm.scores import FoldIoU, coco_keypoint_ap, foreground_mask, pck, psnr_s
 
 Pair = tuple[np.ndarray, np.ndarray]
 Predict = Callable[[Sequence[Pair], Sequence[np.ndarray]], list[np.ndarray]]
+# answer_nll(pairs, queries, answers) -> nats per token of each answer (`VisualPrompter.answer_nll`)
+AnswerNLL = Callable[[Sequence[Pair], Sequence[np.ndarray], Sequence[np.ndarray]], list[float]]
 
 
 def _supports(
@@ -103,6 +105,19 @@ def derain_scores(
     }
 
 
+def _recognition_tasks(tasks: dict[str, Sequence[Example]], queries: int) -> list[str]:
+    """The task names of a recognition set, checked: example q of every task shares its input."""
+    names = sorted(tasks)
+    for q in range(queries):
+        first = tasks[names[0]][q].images[0]
+        if any(not np.array_equal(tasks[n][q].images[0], first) for n in names[1:]):
+            raise DelvmError(
+                f"task recognition: example {q} has different inputs across tasks; it needs one "
+                "query image with a ground truth for every task"
+            )
+    return names
+
+
 def task_recognition(
     predict: Predict, tasks: dict[str, Sequence[Example]], queries: int, shots: int = 3,
     seed: int = 0,
@@ -114,14 +129,7 @@ def task_recognition(
     with a ground truth per task); the other examples serve as supports.
     """
     rng = np.random.default_rng(seed)
-    names = sorted(tasks)
-    for q in range(queries):
-        first = tasks[names[0]][q].images[0]
-        if any(not np.array_equal(tasks[n][q].images[0], first) for n in names[1:]):
-            raise DelvmError(
-                f"task recognition: example {q} has different inputs across tasks; it needs one "
-                "query image with a ground truth for every task"
-            )
+    names = _recognition_tasks(tasks, queries)
     hits = total = 0
     per_task = {name: 0 for name in names}
     for q in range(queries):
@@ -135,3 +143,41 @@ def task_recognition(
             hits += ok
             total += 1
     return {"accuracy": hits / total, "per_task": {n: per_task[n] / queries for n in names}}
+
+
+def prompt_dependence(
+    answer_nll: AnswerNLL, tasks: dict[str, Sequence[Example]], queries: int, shots: int = 3,
+    seed: int = 0,
+) -> dict:  # fmt: skip
+    """Does the prompt change what the model expects? On a recognition set, every task's truth
+    for a query is scored (teacher-forced nats per token) under every task's prompt; a truth
+    counts when its own task's prompt makes it strictly the most likely.
+
+    Unlike `task_recognition` no image is generated: it shows whether a model reads the prompt
+    at all, even when its outputs are too poor to be told apart by their pixels. ``nll`` is the
+    mean over queries, [prompted task][truth's task]; equal values down a column mean the prompt
+    is ignored for that truth. The supports are those `task_recognition` draws for the same seed.
+    """
+    rng = np.random.default_rng(seed)
+    names = _recognition_tasks(tasks, queries)
+    nll = {prompt: dict.fromkeys(names, 0.0) for prompt in names}
+    per_task = dict.fromkeys(names, 0)
+    for q in range(queries):
+        query = tasks[names[0]][q].images[0]
+        truths = [tasks[name][q].images[1] for name in names]
+        scored = {
+            prompt: answer_nll(
+                _supports(tasks[prompt], q, shots, rng), [query] * len(names), truths
+            )
+            for prompt in names
+        }
+        for j, truth in enumerate(names):
+            others = [scored[prompt][j] for prompt in names if prompt != truth]
+            per_task[truth] += all(scored[truth][j] < value for value in others)
+            for prompt in names:
+                nll[prompt][truth] += scored[prompt][j] / queries
+    return {
+        "accuracy": sum(per_task.values()) / (queries * len(names)),
+        "per_task": {name: per_task[name] / queries for name in names},
+        "nll": nll,
+    }
