@@ -107,31 +107,32 @@ def test_foreground_miou_reads_instance_colours_as_foreground():
     assert foreground_miou(oracle(examples), examples, shots=2, threshold=0.05)["miou"] == 1.0
 
 
-def test_task_recognition_counts_outputs_nearest_the_prompted_truth():
+def dark_and_bright(queries: int = 3) -> dict[str, list[Example]]:
+    """A recognition set: random queries, each with an all-black and an all-white truth."""
     rng = np.random.default_rng(0)
-    inputs = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
-    tasks = {
+    inputs = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(queries)]
+    return {
         "dark": [Example("dark", [x, np.zeros_like(x)], "d") for x in inputs],
         "bright": [Example("bright", [x, np.full_like(x, 255)], "b") for x in inputs],
     }
+
+
+def test_task_recognition_counts_outputs_nearest_the_prompted_truth():
+    tasks = dark_and_bright()
 
     def follows(pairs, queries):
         return [pairs[0][1] for _ in queries]  # copies the prompt's output style
 
     assert task_recognition(follows, tasks, queries=3, shots=1)["accuracy"] == 1.0
     assert task_recognition(black, tasks, queries=3, shots=1)["accuracy"] == 0.5
-    tasks["bright"][0] = Example("bright", [inputs[1], inputs[1]], "x")
+    other = tasks["dark"][1].images[0]
+    tasks["bright"][0] = Example("bright", [other, other], "x")
     with pytest.raises(DelvmError, match="different inputs"):
         task_recognition(follows, tasks, queries=3, shots=1)
 
 
 def test_prompt_dependence_counts_truths_most_likely_under_their_own_prompt():
-    rng = np.random.default_rng(0)
-    inputs = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
-    tasks = {
-        "dark": [Example("dark", [x, np.zeros_like(x)], "d") for x in inputs],
-        "bright": [Example("bright", [x, np.full_like(x, 255)], "b") for x in inputs],
-    }
+    tasks = dark_and_bright()
 
     def reads_the_prompt(pairs, queries, answers):
         # Expects answers as bright as the prompt's output: off by 1 nat per 255 levels.
