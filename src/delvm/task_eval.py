@@ -3,7 +3,8 @@
 Each scorer takes `predict(pairs, queries) -> outputs` (a `VisualPrompter` call, or any function
 with that shape, e.g. an oracle in tests) and examples at the tokenizer's resolution
 (`delvm.data.augment.resize_example`). Support pairs are drawn from the other examples of the
-same task (for segmentation: of the query's class), seeded.
+same task (for segmentation: of the query's class), seeded. `prompt_dependence` generates nothing:
+it takes `answer_nll(pairs, queries, answers)` (`VisualPrompter.answer_nll`) instead.
 """
 
 from __future__ import annotations
