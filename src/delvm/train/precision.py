@@ -2,8 +2,9 @@
 
 `auto` is bf16 on GPUs and fp32 on CPUs. On a CPU with AMX tiles (Intel Xeon since Sapphire
 Rapids) bf16 also pays: on 2 cores the demo's tokenizer step runs about 1.6x and its LVM step
-about 1.15x faster than in fp32 (benchmarks/precision_cpu.py). Elsewhere a CPU emulates bf16, several times slower than fp32, so
-asking for it there gets a warning rather than a silently slow run.
+about 1.15x faster than in fp32 (benchmarks/precision_cpu.py). Elsewhere a CPU emulates bf16,
+several times slower than fp32, so asking for it there gets a warning rather than a silently slow
+run.
 """
 
 from __future__ import annotations
