@@ -149,3 +149,22 @@ def test_prompt_dependence_counts_truths_most_likely_under_their_own_prompt():
     ignored = prompt_dependence(ignores_the_prompt, tasks, queries=3, shots=1)
     assert ignored["accuracy"] == 0.0  # ties do not count
     assert ignored["nll"]["dark"] == ignored["nll"]["bright"]
+
+
+def test_prompt_dependence_prompts_with_the_supports_task_recognition_draws():
+    tasks = dark_and_bright(8)
+    recognition, dependence = [], []
+
+    def predict(pairs, queries):
+        recognition.append([p[0].tobytes() for p in pairs])
+        return [pairs[0][1] for _ in queries]
+
+    def answer_nll(pairs, queries, answers):
+        dependence.append([p[0].tobytes() for p in pairs])
+        return [0.0 for _ in answers]
+
+    task_recognition(predict, tasks, queries=8, shots=2, seed=3)
+    prompt_dependence(answer_nll, tasks, queries=8, shots=2, seed=3)
+    assert len(recognition) == 16 and recognition == dependence
+    prompt_dependence(answer_nll, tasks, queries=8, shots=2, seed=4)
+    assert dependence[16:] != recognition  # another seed, other supports: the check can fail

@@ -130,7 +130,7 @@ def write_report(demo: Demo) -> Path:
     dependence = scores["prompt_dependence"]
     truths = list(dependence["per_task"])
     dependence_table = _table(
-        ["prompt \\ truth", *truths],
+        ["prompt (row) / truth (column)", *truths],
         [[prompt, *(f"{nll[t]:.3f}" for t in truths)] for prompt, nll in dependence["nll"].items()]
         + [["most likely under its own prompt",
             *(f"{100 * dependence['per_task'][t]:.1f} %" for t in truths)]],

@@ -73,6 +73,10 @@ class VisualPrompter:
         pixels = self.tokenizer.decode(ids.cpu())
         return list((pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8))
 
+    def _context_ids(self, examples: Sequence[tuple[ImageLike, ImageLike]]) -> torch.Tensor:
+        """The example pairs as one row of ids [1, 2 x pairs x tokens per image]."""
+        return self.encode([image for pair in examples for image in pair]).reshape(1, -1)
+
     def _check_context(self, needed: int) -> None:
         if needed > self.model.config.max_seq_len:
             raise DelvmError(
@@ -95,7 +99,7 @@ class VisualPrompter:
         """One output image per query, all under the same example pairs (batched)."""
         if not queries:
             raise DelvmError("give at least one query image")
-        context = self.encode([image for pair in examples for image in pair]).reshape(1, -1)
+        context = self._context_ids(examples)
         query_ids = self.encode(queries)
         prompts = torch.cat([context.expand(len(queries), -1), query_ids], dim=1)
         return self._images(self.continue_ids(prompts, self.image_tokens, sampling))
@@ -113,7 +117,7 @@ class VisualPrompter:
             raise DelvmError(
                 f"one answer per query: {len(queries)} queries, {len(answers)} answers"
             )
-        context = self.encode([image for pair in examples for image in pair]).reshape(1, -1)
+        context = self._context_ids(examples)
         answer_ids = self.encode(answers)
         ids = torch.cat([context.expand(len(queries), -1), self.encode(queries), answer_ids], 1)
         self._check_context(ids.shape[1])
