@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timing import best_seconds
 from torch import Tensor
 
+from delvm.data.sampler import SentenceBatch
 from delvm.model import VisualLM
 from delvm.train.config import load_config
 from delvm.train.distributed import World
@@ -37,7 +38,7 @@ class RandomSentences:
     def train_batch(self, step: int, micro: int, rows: range, tasks: list[str]):
         g = torch.Generator().manual_seed(step * 1000 + micro)
         ids = torch.randint(0, self.vocab_size, (len(rows), self.seq_len), generator=g)
-        return ids, ["random"] * len(rows)
+        return SentenceBatch(ids, ["random"] * len(rows))
 
     def val_batches(self, batch_size: int):
         return []
@@ -82,7 +83,7 @@ def main() -> None:
         ])  # fmt: skip
         source = RandomSentences(8192, args.seq_len)
         trainer = Trainer(config, source, World(rank=0, size=1, device=device))
-        ids, _ = source.train_batch(0, 0, range(args.micro_batch), source.tasks)
+        ids = source.train_batch(0, 0, range(args.micro_batch), source.tasks).ids
         bare = bare_step(trainer.bare, ids.to(device), trainer.autocast)
         # Alternate the two so machine noise hits both alike; keep the best of each.
         t_trainer = t_bare = float("inf")

@@ -119,6 +119,29 @@ def test_held_out_examples_and_their_copies_never_reach_training(store):
     assert all(torch.equal(a.ids, b.ids) for a, b in zip(val, s.val_batches(4), strict=True))
 
 
+def test_answer_noise_replaces_only_what_the_model_reads_of_later_answers(store):
+    clean = sampler(store).train_batch(3, 0, range(400), ["pose", "seg"])
+    noisy_sampler = sampler(store, answer_noise=1.0)
+    noisy = noisy_sampler.train_batch(3, 0, range(400), ["pose", "seg"])
+    assert clean.inputs is None
+    # The same sentences and labels; only the inputs differ, and only in the output images of
+    # examples 2..4 (the sentence's last code is never an input).
+    assert torch.equal(noisy.ids, clean.ids) and noisy.tasks == clean.tasks
+    changed = noisy.inputs != clean.ids[:, :-1]
+    answers = torch.zeros(31, dtype=torch.bool)
+    answers[12:16] = answers[20:24] = answers[28:31] = True
+    assert not changed[:, ~answers].any()
+    # Rates drawn per example from U(0, 1): half the codes on average, some answers untouched
+    # and some replaced whole.
+    assert 0.45 < changed[:, answers].float().mean() < 0.55
+    per_answer = changed[:, 12:16].float().mean(1)
+    assert (per_answer == 0).any() and (per_answer == 1).any()
+    assert (noisy.inputs[changed] < store.num_codes).all()
+    again = noisy_sampler.train_batch(3, 0, range(400), ["pose", "seg"])
+    assert torch.equal(again.inputs, noisy.inputs)  # a function of the address, as the ids
+    assert all(batch.inputs is None for batch in noisy_sampler.val_batches(8))
+
+
 def test_a_resumed_stream_continues_exactly_and_ranks_split_the_global_batch(store):
     s = sampler(store)
     full = SentenceStream(s, batch_size=4)
@@ -158,6 +181,8 @@ def test_bad_settings_are_clear_errors(store, tmp_path):
         sampler(store, task_weights={"pose": 0.0, "seg": 0}).train_batch(0, 0, range(1), ["pose"])
     with pytest.raises(DelvmError, match="leaves none for training"):
         SentenceSampler(store, SamplerConfig(seq_len=32, val_fraction=0.99))
+    with pytest.raises(DelvmError, match=r"answer_noise = 1.5: use a share in \[0, 1\]"):
+        SamplerConfig(answer_noise=1.5)
 
     mixed = {"pairs": labelled_task(0, 4, 0), "clips": labelled_task(100, 4, 0, images=3)}
     write_store(tmp_path / "mixed", mixed, IDENTITY, balance="none")
@@ -184,3 +209,22 @@ def test_the_trainer_trains_on_a_store(store, tmp_path):
     s = SentenceSampler(store, SamplerConfig(seq_len=data.seq_len, val_sentences=2))
     Trainer(config, s).run()
     assert (tmp_path / "run" / "log.jsonl").read_text().count('"loss"') >= 2
+
+
+def test_the_trainer_reads_the_noisy_answers(store, tmp_path):
+    from delvm.train.config import load_config
+    from delvm.train.trainer import Trainer
+
+    config = load_config(None, [
+        f"out={str(tmp_path / 'run')!r}", "micro_batch=2", "data.seq_len=32",
+        "model.overrides={'embedding': 'learned', 'vocab_size': 16384, 'hidden_size': 16, "
+        "'intermediate_size': 32, 'num_heads': 2, 'num_layers': 1, 'max_seq_len': 32}",
+    ])  # fmt: skip
+    s = SentenceSampler(store, SamplerConfig(seq_len=32, answer_noise=1.0))
+    trainer = Trainer(config, s)
+    seen, forward = [], trainer.forward
+    trainer.forward = lambda inputs: seen.append(inputs.clone()) or forward(inputs)
+    trainer.train_step(s.tasks)
+    batch = s.train_batch(0, 0, range(2), s.tasks)
+    assert not torch.equal(batch.inputs, batch.ids[:, :-1])
+    assert torch.equal(seen[0], batch.inputs)

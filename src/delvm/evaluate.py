@@ -38,7 +38,7 @@ def evaluate(model: VisualLM, sampler: SentenceSampler, batch_size: int = 4) -> 
     model.eval()
     device = model.head.weight.device
     metrics = TaskMetrics(sampler.image_tokens)
-    for ids, tasks in sampler.val_batches(batch_size):
+    for ids, tasks, _ in sampler.val_batches(batch_size):
         ids = ids.to(device)
         metrics.add(tasks, model(ids[:, :-1]), ids[:, 1:])
     return metrics.result()

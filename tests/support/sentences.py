@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from delvm.data.sampler import SentenceBatch
+
 
 class PatternSentences:
     def __init__(self, tasks=("segmentation", "pose"), vocab: int = 64, seq_len: int = 65,
@@ -43,11 +45,11 @@ class PatternSentences:
             task = tasks[key % len(tasks)]
             names.append(task)
             sentences.append(self._sentence(key, task))
-        return torch.stack(sentences), names
+        return SentenceBatch(torch.stack(sentences), names)
 
     def val_batches(self, batch_size: int):
         out = []
         for i, task in enumerate(self.tasks):
             ids = torch.stack([self._sentence(-(i * 100 + j) - 1, task) for j in range(2)])
-            out.append((ids, [task, task]))
+            out.append(SentenceBatch(ids, [task, task]))
         return out

@@ -17,6 +17,13 @@ stored copies under `augment`, else as copy 0.
 
 The held-out split is by original example: a validation example's copies never reach training.
 Validation sentences use copy 0 of validation examples only and are fixed by the seed.
+
+Noisy teacher forcing (`answer_noise` > 0, training sentences only): in what the model reads, the
+output image (last image) of every example after the first has a share r ~ U(0, answer_noise) of
+its codes replaced by random codes, r drawn per example; the labels keep the true codes. With
+clean teacher forcing an answer's own first codes give its task away, so the example pairs are
+barely needed to lower the loss; with noisy answers the model has to read the task from the
+examples and the answer's layout from the query.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class SamplerConfig:
     val_fraction: float = 0.05  # held-out share of each task's original examples
     val_sentences: int = 16  # fixed validation sentences per task
     seed: int = 0
+    answer_noise: float = 0.0  # noisy teacher forcing: the most any answer's input is replaced
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_MODES:
@@ -55,11 +63,15 @@ class SamplerConfig:
             raise DelvmError(f"data val_fraction = {self.val_fraction}: use 0 <= value < 1")
         if any(w < 0 for w in self.task_weights.values()):
             raise DelvmError(f"data task_weights {self.task_weights}: weights must be >= 0")
+        if not 0 <= self.answer_noise <= 1:
+            raise DelvmError(f"data answer_noise = {self.answer_noise}: use a share in [0, 1]")
 
 
 class SentenceBatch(NamedTuple):
     ids: Tensor  # [batch, seq] int64 token ids
     tasks: list[str]  # the task of each row
+    # [batch, seq - 1] what the model reads, when it is not ids[:, :-1] (answer noise)
+    inputs: Tensor | None = None
 
 
 def _key(text: str) -> int:
@@ -170,8 +182,11 @@ class SentenceSampler:
 
     # -- sentences
 
-    def _compose(self, draws: list[tuple[str, np.random.Generator]], pools: dict) -> SentenceBatch:
-        """One sentence per (task, rng); the token rows are gathered per task in one go."""
+    def _compose(
+        self, draws: list[tuple[str, np.random.Generator]], pools: dict, noise: float = 0.0
+    ) -> SentenceBatch:
+        """One sentence per (task, rng); the token rows are gathered per task in one go; with
+        `noise`, the inputs carry noisy answers drawn from the same rngs."""
         length = self.sentence_tokens
         grouped: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         for b, (name, rng) in enumerate(draws):
@@ -183,7 +198,23 @@ class SentenceSampler:
         for name, (positions, picks) in grouped.items():
             tokens = self.store.tasks[name].tokens[np.concatenate(picks)]
             out[positions] = tokens.reshape(len(positions), length)
-        return SentenceBatch(torch.from_numpy(out), [name for name, _ in draws])
+        inputs = None
+        if noise > 0:
+            inputs = out[:, :-1].copy()
+            for row, (name, rng) in zip(inputs, draws, strict=True):
+                self._add_answer_noise(row, name, rng, noise)
+            inputs = torch.from_numpy(inputs)
+        return SentenceBatch(torch.from_numpy(out), [name for name, _ in draws], inputs)
+
+    def _add_answer_noise(
+        self, row: np.ndarray, name: str, rng: np.random.Generator, noise: float
+    ) -> None:
+        """Replace a share U(0, noise) of each later example's output codes in `row` (in place)."""
+        per_example = self.store.tasks[name].images_per_example * self.image_tokens
+        for end in range(2 * per_example, self.sentence_tokens + 1, per_example):
+            answer = row[end - self.image_tokens : end]  # the sentence's last code is not in row
+            hit = rng.random(len(answer)) < rng.uniform(0, noise)
+            answer[hit] = rng.integers(0, self.vocab_size, int(hit.sum()))
 
     def train_batch(self, step: int, micro: int, rows: range, tasks: list[str]) -> SentenceBatch:
         """Rows `rows` of the global batch for (step, micro-batch), drawn from `tasks`."""
@@ -196,7 +227,7 @@ class SentenceSampler:
             rng = np.random.default_rng([self.config.seed, TRAIN, step, micro, row])
             u = rng.random() * cumulative[-1]
             draws.append((tasks[int(np.searchsorted(cumulative, u, side="right"))], rng))
-        return self._compose(draws, self.train)
+        return self._compose(draws, self.train, self.config.answer_noise)
 
     def val_batches(self, batch_size: int) -> list[SentenceBatch]:
         """The fixed validation sentences, `val_sentences` per task, in batches."""

@@ -29,6 +29,7 @@ def open_sentences(config: TrainConfig):
     sampler_config = SamplerConfig(
         seq_len=d.seq_len, balance=d.balance, task_weights=d.task_weights,
         val_fraction=d.val_fraction, val_sentences=d.val_sentences, seed=d.seed,
+        answer_noise=d.answer_noise,
     )  # fmt: skip
     return SentenceSampler(store, sampler_config, codebook)
 

@@ -45,6 +45,7 @@ class DataSection:
     val_fraction: float = 0.05  # held-out share of each task's original examples
     val_sentences: int = 16  # per task, for the validation metrics
     seed: int = 0
+    answer_noise: float = 0.0  # noisy teacher forcing (delvm.data.sampler); 0 = off
 
     def __post_init__(self) -> None:
         _check_table("data.task_weights", self.task_weights, "data.task_weights.pose=2")

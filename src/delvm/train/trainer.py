@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from delvm.checkpoint import load_model, save_weights
+from delvm.data.sampler import SentenceBatch
 from delvm.errors import DelvmError
 from delvm.metrics import TaskMetrics
 from delvm.model import ModelConfig, VisualLM, preset
@@ -55,9 +56,9 @@ class SentenceSource(Protocol):
 
     def train_batch(
         self, step: int, micro: int, rows: range, tasks: list[str]
-    ) -> tuple[Tensor, list[str]]: ...
+    ) -> SentenceBatch: ...
 
-    def val_batches(self, batch_size: int) -> list[tuple[Tensor, list[str]]]: ...
+    def val_batches(self, batch_size: int) -> list[SentenceBatch]: ...
 
     def codebook(self) -> Tensor | None: ...
 
@@ -192,8 +193,10 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------
 
-    def _loss(self, ids: Tensor) -> tuple[Tensor, dict[str, float]]:
-        inputs, labels = ids[:, :-1], ids[:, 1:]
+    def _loss(self, ids: Tensor, inputs: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        """The loss on `ids`; the model reads `inputs` (noisy answers) where given."""
+        labels = ids[:, 1:]
+        inputs = ids[:, :-1] if inputs is None else inputs
         with self.autocast:
             logits = self.forward(inputs)
         if self.teacher is None:
@@ -212,11 +215,12 @@ class Trainer:
         rows = range(world.rank * config.micro_batch, (world.rank + 1) * config.micro_batch)
         total, parts = torch.zeros((), device=self.device), {}
         for micro in range(config.grad_accum):
-            ids, _ = self.source.train_batch(self.step, micro, rows, tasks)
+            batch = self.source.train_batch(self.step, micro, rows, tasks)
             last = micro == config.grad_accum - 1
             sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else None
             with sync or contextlib.nullcontext():
-                loss, extra = self._loss(ids.to(self.device))
+                inputs = None if batch.inputs is None else batch.inputs.to(self.device)
+                loss, extra = self._loss(batch.ids.to(self.device), inputs)
                 (loss / config.grad_accum).backward()
             total += loss.detach() / config.grad_accum
             for key, value in extra.items():
@@ -240,7 +244,7 @@ class Trainer:
         """Per-task validation loss / accuracy / perplexity (sentence and target scopes)."""
         self.model.eval()
         metrics = TaskMetrics(self.source.image_tokens)
-        for ids, tasks in self.source.val_batches(self.config.micro_batch):
+        for ids, tasks, _ in self.source.val_batches(self.config.micro_batch):
             ids = ids.to(self.device)
             with self.autocast:
                 logits = self.model(ids[:, :-1])
