@@ -24,7 +24,7 @@ $(TEST_STAMP): $(STAMP)
 test: $(TEST_STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-# The whole pipeline on the toy world (about 12 minutes on 2 cores); reruns reuse finished stages.
+# The whole pipeline on the toy world (about 13 minutes on 2 cores); reruns reuse finished stages.
 demo: $(STAMP)
 	$(VENV)/bin/delvm demo configs/demo.toml
 	@echo "report: demo_out/report.html"
