@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/delvm demo configs/demo.toml
 	@echo "report: demo_out/report.html"
 
-# The same pipeline, longer (30 minutes measured on 2 cores), into demo_full_out/.
+# The same pipeline, longer (33 minutes measured on 2 cores), into demo_full_out/.
 demo-full: $(STAMP)
 	$(VENV)/bin/delvm demo configs/demo_full.toml
 	@echo "report: demo_full_out/report.html"
