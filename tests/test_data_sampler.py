@@ -183,6 +183,10 @@ def test_bad_settings_are_clear_errors(store, tmp_path):
         SentenceSampler(store, SamplerConfig(seq_len=32, val_fraction=0.99))
     with pytest.raises(DelvmError, match=r"answer_noise = 1.5: use a share in \[0, 1\]"):
         SamplerConfig(answer_noise=1.5)
+    from delvm.train.config import load_config
+
+    with pytest.raises(DelvmError, match="answer_noise = -0.1"):  # refused with the config
+        load_config(None, ["data.answer_noise=-0.1"])
 
     mixed = {"pairs": labelled_task(0, 4, 0), "clips": labelled_task(100, 4, 0, images=3)}
     write_store(tmp_path / "mixed", mixed, IDENTITY, balance="none")

@@ -182,11 +182,8 @@ class SentenceSampler:
 
     # -- sentences
 
-    def _compose(
-        self, draws: list[tuple[str, np.random.Generator]], pools: dict, noise: float = 0.0
-    ) -> SentenceBatch:
-        """One sentence per (task, rng); the token rows are gathered per task in one go; with
-        `noise`, the inputs carry noisy answers drawn from the same rngs."""
+    def _compose(self, draws: list[tuple[str, np.random.Generator]], pools: dict) -> SentenceBatch:
+        """One sentence per (task, rng); the token rows are gathered per task in one go."""
         length = self.sentence_tokens
         grouped: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         for b, (name, rng) in enumerate(draws):
@@ -198,18 +195,18 @@ class SentenceSampler:
         for name, (positions, picks) in grouped.items():
             tokens = self.store.tasks[name].tokens[np.concatenate(picks)]
             out[positions] = tokens.reshape(len(positions), length)
-        inputs = None
-        if noise > 0:
-            inputs = out[:, :-1].copy()
-            for row, (name, rng) in zip(inputs, draws, strict=True):
-                self._add_answer_noise(row, name, rng, noise)
-            inputs = torch.from_numpy(inputs)
-        return SentenceBatch(torch.from_numpy(out), [name for name, _ in draws], inputs)
+        return SentenceBatch(torch.from_numpy(out), [name for name, _ in draws])
 
-    def _add_answer_noise(
-        self, row: np.ndarray, name: str, rng: np.random.Generator, noise: float
-    ) -> None:
-        """Replace a share U(0, noise) of each later example's output codes in `row` (in place)."""
+    def _noisy_inputs(self, ids: Tensor, draws: list[tuple[str, np.random.Generator]]) -> Tensor:
+        """ids[:, :-1] with noisy answers, drawn from each sentence's rng after its examples."""
+        inputs = ids[:, :-1].numpy().copy()
+        for row, (name, rng) in zip(inputs, draws, strict=True):
+            self._add_answer_noise(row, name, rng)
+        return torch.from_numpy(inputs)
+
+    def _add_answer_noise(self, row: np.ndarray, name: str, rng: np.random.Generator) -> None:
+        """Replace a share U(0, answer_noise) of each later example's output codes in `row`."""
+        noise = self.config.answer_noise
         per_example = self.store.tasks[name].images_per_example * self.image_tokens
         for end in range(2 * per_example, self.sentence_tokens + 1, per_example):
             answer = row[end - self.image_tokens : end]  # the sentence's last code is not in row
@@ -227,7 +224,10 @@ class SentenceSampler:
             rng = np.random.default_rng([self.config.seed, TRAIN, step, micro, row])
             u = rng.random() * cumulative[-1]
             draws.append((tasks[int(np.searchsorted(cumulative, u, side="right"))], rng))
-        return self._compose(draws, self.train, self.config.answer_noise)
+        batch = self._compose(draws, self.train)
+        if self.config.answer_noise > 0:
+            batch = batch._replace(inputs=self._noisy_inputs(batch.ids, draws))
+        return batch
 
     def val_batches(self, batch_size: int) -> list[SentenceBatch]:
         """The fixed validation sentences, `val_sentences` per task, in batches."""

@@ -13,7 +13,7 @@ from delvm.train.config import TrainConfig, load_config
 
 def open_sentences(config: TrainConfig):
     """The store-backed sentence source for a run, checked against the run's tokenizer."""
-    from delvm.data.sampler import SamplerConfig, SentenceSampler
+    from delvm.data.sampler import SentenceSampler
     from delvm.data.store import open_store
 
     if not config.data.store:
@@ -25,13 +25,7 @@ def open_sentences(config: TrainConfig):
         tokenizer = load_tokenizer(config.tokenizer)
         codebook, fingerprint = tokenizer.codebook.detach().clone(), tokenizer.fingerprint()
     store = open_store(config.data.store, fingerprint=fingerprint)
-    d = config.data
-    sampler_config = SamplerConfig(
-        seq_len=d.seq_len, balance=d.balance, task_weights=d.task_weights,
-        val_fraction=d.val_fraction, val_sentences=d.val_sentences, seed=d.seed,
-        answer_noise=d.answer_noise,
-    )  # fmt: skip
-    return SentenceSampler(store, sampler_config, codebook)
+    return SentenceSampler(store, config.data.sampler_config(), codebook)
 
 
 def _train(args: argparse.Namespace) -> None:

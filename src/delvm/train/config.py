@@ -49,6 +49,17 @@ class DataSection:
 
     def __post_init__(self) -> None:
         _check_table("data.task_weights", self.task_weights, "data.task_weights.pose=2")
+        self.sampler_config()  # the sampler's own checks, before any data is read
+
+    def sampler_config(self):  # -> delvm.data.sampler.SamplerConfig (imported here: torch)
+        """This section's settings for the sentence sampler (all but the store)."""
+        from delvm.data.sampler import SamplerConfig
+
+        return SamplerConfig(
+            seq_len=self.seq_len, balance=self.balance, task_weights=self.task_weights,
+            val_fraction=self.val_fraction, val_sentences=self.val_sentences, seed=self.seed,
+            answer_noise=self.answer_noise,
+        )  # fmt: skip
 
 
 @dataclass
