@@ -121,7 +121,7 @@ class VisualPrompter:
         answer_ids = self.encode(answers)
         ids = torch.cat([context.expand(len(queries), -1), self.encode(queries), answer_ids], 1)
         self._check_context(ids.shape[1])
-        device = next(self.model.parameters()).device
+        device = self.model.head.weight.device
         logits = self.model(ids[:, :-1].to(device))[:, -self.image_tokens :].float()
         nll = F.cross_entropy(logits.transpose(1, 2), answer_ids.to(device), reduction="none")
         return nll.mean(1).tolist()
