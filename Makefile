@@ -26,12 +26,12 @@ test: $(TEST_STAMP)
 
 # The whole pipeline on the toy world (about 13 minutes on 2 cores); reruns reuse finished stages.
 demo: $(STAMP)
-	$(VENV)/bin/delvm demo configs/demo.toml
+	$(VENV)/bin/delvm demo demo
 	@echo "report: demo_out/report.html"
 
 # The same pipeline, longer (33 minutes measured on 2 cores), into demo_full_out/.
 demo-full: $(STAMP)
-	$(VENV)/bin/delvm demo configs/demo_full.toml
+	$(VENV)/bin/delvm demo demo_full
 	@echo "report: demo_full_out/report.html"
 
 lint: $(TEST_STAMP)

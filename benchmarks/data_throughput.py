@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from delvm.data.sampler import SamplerConfig, SentenceSampler
 from delvm.data.store import BuildConfig, Builder, TaskArrays, open_store, write_store
-from delvm.model import VisualLM, preset
+from delvm.model.transformer import VisualLM, preset
 from delvm.tokenizer import VQGAN
 from delvm.tokenizer import preset as tokenizer_preset
 

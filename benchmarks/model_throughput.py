@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from delvm.checkpoint import save_model
-from delvm.export import export_hf
-from delvm.generate import Generator, SamplingConfig
-from delvm.model import VisualLM, preset
+from delvm.inference.generate import Generator, SamplingConfig
+from delvm.model.checkpoint import save_model
+from delvm.model.export import export_hf
+from delvm.model.transformer import VisualLM, preset
 
 
 def sync(device: torch.device) -> None:

@@ -19,7 +19,7 @@ from timing import best_seconds
 from torch import Tensor
 
 from delvm.data.sampler import SentenceBatch
-from delvm.model import VisualLM
+from delvm.model.transformer import VisualLM
 from delvm.train.config import load_config
 from delvm.train.distributed import World
 from delvm.train.trainer import Trainer

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from torchmetrics.functional.classification import multiclass_accuracy
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from delvm.checkpoint import load_model, save_model
 from delvm.classify.data import EvalSamples, ImageFolder, TrainSamples, to_pixels
 from delvm.classify.evaluate import evaluate, topk_correct
 from delvm.classify.model import (
@@ -37,7 +36,8 @@ from delvm.classify.train import (
 from delvm.cli import main
 from delvm.data.augment import AugmentConfig
 from delvm.errors import DelvmError
-from delvm.model import VisualLM, preset
+from delvm.model.checkpoint import load_model, save_model
+from delvm.model.transformer import VisualLM, preset
 from delvm.train.config import load_config
 from delvm.train.distributed import World
 

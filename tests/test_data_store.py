@@ -324,7 +324,7 @@ def test_example_configs_parse_and_name_real_source_arguments(name):
     from delvm.data.sources import SOURCES
     from delvm.data.toyworld import ToyWorldConfig
 
-    config = load_build_config(ROOT / "configs" / "data" / name, tokenizer="tok")
+    config = load_build_config(f"data/{name}", tokenizer="tok")
     for spec in config.sources:
         kwargs = {k: v for k, v in spec.items() if k != "format"}
         if spec["format"] == "toyworld":

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from delvm.cli import main
-from delvm.demo import STAGES, load_demo_config
-from delvm.demo_report import task_rows
+from delvm.demo.pipeline import STAGES, load_demo_config
+from delvm.demo.report import task_rows
 from delvm.errors import DelvmError
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+CONFIG = "demo"
 TINY = [
     "world.segmentation=40", "world.pose=8", "world.derain=8",
     "tokenizer.steps=6", "tokenizer.eval_every=3", "tokenizer.val_images=8",

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from delvm.checkpoint import load_model, save_model
 from delvm.cli import main
 from delvm.errors import DelvmError
-from delvm.export import export_hf, import_hf
-from delvm.generate import SamplingConfig, generate
-from delvm.model import VisualLM, preset
+from delvm.inference.generate import SamplingConfig, generate
+from delvm.model.checkpoint import load_model, save_model
+from delvm.model.export import export_hf, import_hf
+from delvm.model.transformer import VisualLM, preset
 
 
 def random_model(**overrides) -> VisualLM:

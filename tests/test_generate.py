@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from delvm.errors import DelvmError
-from delvm.generate import Generator, SamplingConfig, generate
-from delvm.model import VisualLM, preset
+from delvm.inference.generate import Generator, SamplingConfig, generate
+from delvm.model.transformer import VisualLM, preset
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-vit"])
@@ -77,7 +77,7 @@ def test_top_k_restricts_the_choices(model):
 
 
 def test_top_p_keeps_the_nucleus():
-    from delvm.generate import _filter_logits
+    from delvm.inference.generate import _filter_logits
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     kept = _filter_logits(probs.log(), None, 0.75).isfinite()

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from delvm.checkpoint import load_model, save_model
 from delvm.errors import DelvmError
-from delvm.model import ModelConfig, VisualLM, count_parameters, preset
+from delvm.model.checkpoint import load_model, save_model
+from delvm.model.transformer import ModelConfig, VisualLM, count_parameters, preset
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers import LlamaForCausalLM
 
-from delvm.checkpoint import load_model
 from delvm.cli import main
+from delvm.model.checkpoint import load_model
 from tests.support.tiny import untrained_cpu_tokenizer
 
 

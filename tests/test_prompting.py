@@ -5,12 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from delvm.checkpoint import save_model
 from delvm.cli import main
 from delvm.errors import DelvmError
-from delvm.generate import SamplingConfig
-from delvm.model import VisualLM, preset
-from delvm.prompting import VisualPrompter, save_grid
+from delvm.inference.generate import SamplingConfig
+from delvm.inference.prompting import VisualPrompter, save_grid
+from delvm.model.checkpoint import save_model
+from delvm.model.transformer import VisualLM, preset
 from tests.support.tiny import tiny_tokenizer_and_model
 
 
@@ -46,7 +46,7 @@ def test_prompt_is_examples_then_query_and_batches_agree(parts):
 def test_answer_nll_is_transformers_loss_on_the_answer_tokens(parts, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from delvm.hf import load_hf_model
+    from delvm.model.hf import load_hf_model
 
     tokenizer, _ = parts
     torch.manual_seed(1)

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from delvm.checkpoint import load_model
 from delvm.cli import main
 from delvm.errors import DelvmError
-from delvm.generate import SamplingConfig, generate
-from delvm.model import VisualLM, count_parameters, preset
+from delvm.inference.generate import SamplingConfig, generate
+from delvm.model.checkpoint import load_model
+from delvm.model.transformer import VisualLM, count_parameters, preset
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "delvm_released_hf_parity"
 

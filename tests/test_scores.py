@@ -3,7 +3,14 @@ import pytest
 import torch
 from torchmetrics.classification import BinaryJaccardIndex
 
-from delvm.scores import FoldIoU, coco_keypoint_ap, foreground_mask, pck, psnr_ssim, recognised
+from delvm.evaluation.scores import (
+    FoldIoU,
+    coco_keypoint_ap,
+    foreground_mask,
+    pck,
+    psnr_ssim,
+    recognised,
+)
 
 
 def test_foreground_mask_uses_a_low_grayscale_threshold():

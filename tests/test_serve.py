@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from delvm.checkpoint import save_model
 from delvm.cli import main
 from delvm.errors import DelvmError
-from delvm.prompting import VisualPrompter
+from delvm.inference.prompting import VisualPrompter
+from delvm.model.checkpoint import save_model
 from delvm.serve import (
     UPLOAD,
     UploadLimits,

@@ -11,15 +11,15 @@ from delvm.data.render import render_skeleton
 from delvm.data.sources.pascal import iter_pascal5i
 from delvm.data.toyworld import ToyWorldConfig, iter_toyworld
 from delvm.errors import DelvmError
-from delvm.model import VisualLM, preset
-from delvm.prompting import VisualPrompter
-from delvm.task_eval import (
+from delvm.evaluation.task_scores import (
     derain_scores,
     foreground_miou,
     pose_scores,
     prompt_dependence,
     task_recognition,
 )
+from delvm.inference.prompting import VisualPrompter
+from delvm.model.transformer import VisualLM, preset
 from tests.support.tiny import untrained_cpu_tokenizer
 
 

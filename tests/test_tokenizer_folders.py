@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from delvm.cli import main
+from delvm.data.images import load_square
 from delvm.errors import DelvmError
-from delvm.images import load_square
 from delvm.tokenizer import VQGAN, load_tokenizer
 from delvm.tokenizer.folders import (
     Shard,

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from delvm.checkpoint import load_model, save_model
 from delvm.errors import DelvmError
-from delvm.model import VisualLM, preset
+from delvm.model.checkpoint import load_model, save_model
+from delvm.model.transformer import VisualLM, preset
 from delvm.train import precision
 from delvm.train.config import OptimSection, load_config
 from delvm.train.distill import kd_loss

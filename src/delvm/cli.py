@@ -10,9 +10,14 @@ from delvm.errors import DelvmError
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so importing delvm.cli stays cheap for code that only calls main().
-    from delvm import demo, evaluate, experiments, export, prompting, serve
+    from delvm import configs, serve
     from delvm.classify import cli as classify_cli
     from delvm.data import cli as data_cli
+    from delvm.demo import pipeline as demo
+    from delvm.evaluation import evaluate
+    from delvm.experiments import studies as experiments
+    from delvm.inference import prompting
+    from delvm.model import export
     from delvm.tokenizer import cli as tokenizer_cli
     from delvm.train import cli as train_cli
 
@@ -31,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_commands(sub)
     classify_cli.add_commands(sub)
     demo.add_commands(sub)
+    configs.add_commands(sub)
     return parser
 
 

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from delvm.data.images import load_square
 from delvm.errors import DelvmError
-from delvm.generate import SamplingConfig
-from delvm.images import load_square
-from delvm.prompting import VisualPrompter, make_grid
+from delvm.inference.generate import SamplingConfig
+from delvm.inference.prompting import VisualPrompter, make_grid
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -261,7 +261,7 @@ def launch(
 
 
 def _run_serve(args) -> None:
-    from delvm.prompting import load_prompter
+    from delvm.inference.prompting import load_prompter
 
     try:
         import gradio  # noqa: F401  (checked before the model loads)

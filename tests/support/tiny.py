@@ -2,7 +2,7 @@
 
 import torch
 
-from delvm.model import VisualLM, preset
+from delvm.model.transformer import VisualLM, preset
 from delvm.tokenizer import VQGAN, VQGANConfig
 from delvm.tokenizer import preset as tokenizer_preset
 

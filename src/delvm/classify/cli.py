@@ -91,7 +91,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("train", help="fine-tune a classifier (resumes from OUT if present)")
-    p.add_argument("config", type=Path, help="a TOML config (see configs/classify*.toml)")
+    p.add_argument("config", help="a TOML config file or shipped name (delvm configs)")
     p.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. steps=100")
     p.set_defaults(func=_train)
 

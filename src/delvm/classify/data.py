@@ -24,8 +24,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from delvm.data.augment import AugmentConfig, CropParams, crop_resize, sample_crop
+from delvm.data.images import IMAGE_SUFFIXES, list_images, load_image
 from delvm.errors import DelvmError
-from delvm.images import IMAGE_SUFFIXES, list_images, load_image
 
 
 class LabelledImages(Protocol):

@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from delvm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, write_weights_folder
 from delvm.errors import DelvmError
 from delvm.fileio import read_json
-from delvm.model import ModelConfig, VisualLM
+from delvm.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, write_weights_folder
+from delvm.model.transformer import ModelConfig, VisualLM
 
 FORMAT = "delvm-classifier"
 # ImageNet's channel statistics, the usual normalisation for fine-tuning (MAE, timm).

@@ -38,7 +38,7 @@ from delvm.classify.model import (
 from delvm.classify.toyset import ToySection, ToyWorldKinds
 from delvm.data.augment import AugmentConfig
 from delvm.errors import DelvmError
-from delvm.model import VisualLM, preset
+from delvm.model.transformer import VisualLM, preset
 from delvm.train.config import ModelSection, OptimSection
 from delvm.train.distributed import World, all_reduce_mean, barrier, init_world, wrap_model
 from delvm.train.optim import cosine_lr

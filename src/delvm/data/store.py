@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from delvm.configs import find_config
 from delvm.data.augment import AugmentConfig, augment_example, resize_example
 from delvm.data.example import Example, Skipped
 from delvm.data.sources import SOURCES
@@ -352,11 +353,9 @@ class BuildConfig:
 
 def load_build_config(path: str | Path, **overrides) -> BuildConfig:
     """Read a TOML build config; `overrides` (e.g. out=..., tokenizer=...) replace its values."""
-    path = Path(path)
+    path = find_config(path)
     try:
         values = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise DelvmError(f"{path}: no such build config (see configs/data/)") from None
     except tomllib.TOMLDecodeError as err:
         raise DelvmError(f"{path}: invalid TOML ({err})") from None
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -41,7 +41,7 @@ def _inspect(args: argparse.Namespace) -> None:
     if not (Path(folder) / "config.json").is_file():
         print(f"no tokenizer at {folder}: pass --tokenizer DIR to decode a sample sentence")
         return
-    from delvm.prompting import save_grid
+    from delvm.inference.prompting import save_grid
     from delvm.tokenizer import load_tokenizer
 
     model = load_tokenizer(folder, device_for(args.device))

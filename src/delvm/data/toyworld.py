@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from delvm.data.augment import CropParams, crop_resize
 from delvm.data.example import Example
+from delvm.data.images import load_image
 from delvm.data.render import (
     COCO_JOINTS,
     paint_capsule,
@@ -43,7 +44,6 @@ from delvm.data.render import (
 )
 from delvm.errors import DelvmError
 from delvm.fileio import write_json
-from delvm.images import load_image
 
 TASKS = ("segmentation", "pose", "derain")
 # Whether a task's target is a colour code (resampled with nearest) rather than a photo.

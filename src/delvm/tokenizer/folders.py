@@ -26,9 +26,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from delvm.data.images import IMAGE_SUFFIXES, list_images, load_square
 from delvm.errors import DelvmError
 from delvm.fileio import atomic_write, read_json, write_json
-from delvm.images import IMAGE_SUFFIXES, list_images, load_square
 from delvm.tokenizer.quality import psnr
 from delvm.tokenizer.vqgan import VQGAN
 

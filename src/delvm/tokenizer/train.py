@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from delvm.data.images import list_images
 from delvm.errors import DelvmError
-from delvm.images import list_images
 from delvm.tokenizer.folders import SquareImages
 from delvm.tokenizer.losses import LPIPS, PatchDiscriminator, adaptive_gan_weight, hinge_d_loss
 from delvm.tokenizer.presets import preset

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch.distributed as dist
 
@@ -41,6 +40,6 @@ def _train(args: argparse.Namespace) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train, distil, fine-tune (resumes from OUT if present)")
-    p.add_argument("config", type=Path, help="a TOML config (see configs/)")
+    p.add_argument("config", help="a TOML config file or shipped name (delvm configs)")
     p.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. steps=100")
     p.set_defaults(func=_train)

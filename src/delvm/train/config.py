@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from delvm.configs import find_config
 from delvm.errors import DelvmError
 from delvm.train.precision import PRECISIONS
 
@@ -184,11 +185,9 @@ def load_config(
     trainer's) and apply ``section.key=value`` overrides."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
+        path = find_config(path)
         try:
             values = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise DelvmError(f"{path}: no such config file (see configs/)") from None
         except tomllib.TOMLDecodeError as err:
             raise DelvmError(f"{path}: invalid TOML ({err})") from None
     for override in overrides:

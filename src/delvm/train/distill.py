@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from delvm.checkpoint import load_model, read_checkpoint_config
 from delvm.errors import DelvmError
-from delvm.hf import is_hf_folder
-from delvm.model import VisualLM
+from delvm.model.checkpoint import load_model, read_checkpoint_config
+from delvm.model.hf import is_hf_folder
+from delvm.model.transformer import VisualLM
 
 
 def kd_loss(

@@ -22,11 +22,11 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from delvm.checkpoint import load_model, save_weights
 from delvm.data.sampler import SentenceBatch
 from delvm.errors import DelvmError
-from delvm.metrics import TaskMetrics
-from delvm.model import ModelConfig, VisualLM, preset
+from delvm.evaluation.metrics import TaskMetrics
+from delvm.model.checkpoint import load_model, save_weights
+from delvm.model.transformer import ModelConfig, VisualLM, preset
 from delvm.train.config import TrainConfig
 from delvm.train.distill import kd_loss, load_teacher
 from delvm.train.distributed import World, all_reduce_mean, barrier, init_world, wrap_model

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from delvm.data.example import Skipped
+from delvm.data.images import load_image
 from delvm.errors import DelvmError
-from delvm.images import load_image
 
 
 def load_or_skip(path: Path) -> np.ndarray | Skipped:

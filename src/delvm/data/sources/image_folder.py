@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from delvm.data.example import Example, Skipped
+from delvm.data.images import list_images
 from delvm.data.sources.common import load_or_skip
-from delvm.images import list_images
 
 
 def iter_image_folder(folder: str | Path, task: str = "unlabelled") -> Iterator[Example | Skipped]:

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from delvm.data.example import Example, Skipped
+from delvm.data.images import IMAGE_SUFFIXES
 from delvm.data.render import COCO_JOINTS
 from delvm.data.sources.common import load_or_skip
 from delvm.errors import DelvmError
 from delvm.fileio import read_json, write_json
-from delvm.images import IMAGE_SUFFIXES
 
 KEYPOINTS_FORMAT = "delvm-keypoints"
 

@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 
 from delvm.data.example import Example, Skipped
+from delvm.data.images import MAX_IMAGE_PIXELS
 from delvm.data.render import render_foreground
 from delvm.data.sources.common import load_or_skip
 from delvm.errors import DelvmError
-from delvm.images import MAX_IMAGE_PIXELS
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

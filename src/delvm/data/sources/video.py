@@ -17,9 +17,9 @@ import av
 import numpy as np
 
 from delvm.data.example import Example, Skipped
+from delvm.data.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
 from delvm.data.sources.common import load_or_skip
 from delvm.errors import DelvmError
-from delvm.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 

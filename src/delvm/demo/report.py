@@ -7,13 +7,9 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from delvm.evaluation.metrics import SCOPES
 from delvm.fileio import atomic_write, read_json
-from delvm.metrics import SCOPES
-
-if TYPE_CHECKING:
-    from delvm.demo import Demo
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -105,11 +101,10 @@ def curves(tokenizer_log: Path, lvm_log: Path):
     return figure
 
 
-def write_report(demo: Demo) -> Path:
-    out = demo.out
+def write_report(out: Path, world: dict, timings: dict[str, str]) -> Path:
+    """Write OUT/report.html from the stages' files under OUT (world: the toy world's settings)."""
     scores = read_json(out / "scores.json")
-    tokenizer = read_json(demo.paths["tokenizer"] / "report.json")
-    config = demo.config
+    tokenizer = read_json(out / "tokenizer" / "report.json")
 
     rows = [
         [task, metric, f"{model:.3f}", name, f"{baseline:.3f}",
@@ -146,9 +141,9 @@ def write_report(demo: Demo) -> Path:
         ["task"] + [f"{n} ({s})" for s in SCOPES for n in ("loss", "acc %", "ppl")],
         validation_rows,
     )
-    timing_table = _table(["stage", "this run"], [[k, v] for k, v in demo.timings.items()])
+    timing_table = _table(["stage", "this run"], [[k, v] for k, v in timings.items()])
     final = tokenizer.get("final", {})
-    figure = curves(demo.paths["tokenizer"] / "log.jsonl", demo.paths["lvm"] / "log.jsonl")
+    figure = curves(out / "tokenizer" / "log.jsonl", out / "lvm" / "log.jsonl")
     grids = "".join(
         f"<h3>{name}</h3><img class='grid' src='{_png(path)}'>"
         for name, path in (
@@ -163,7 +158,7 @@ def write_report(demo: Demo) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>delvm demo</title>
 <style>{STYLE}</style></head><body>
 <h1>delvm demo: a visual language model trained on the toy world</h1>
-<p>The toy world's three tasks (segmentation, pose, deraining; {html.escape(json.dumps(config.world))}),
+<p>The toy world's three tasks (segmentation, pose, deraining; {html.escape(json.dumps(world))}),
 a VQGAN tokenizer trained from scratch (held-out PSNR {final.get("psnr", float("nan")):.2f} dB,
 {final.get("used_codes", 0)} codes used, {tokenizer["steps"]} steps in {tokenizer["train_seconds"]:.0f} s),
 a balanced token store, and an LVM trained on visual sentences, prompted with

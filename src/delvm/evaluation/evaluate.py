@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from delvm.checkpoint import load_model, read_checkpoint_config
 from delvm.data.sampler import SamplerConfig, SentenceSampler
 from delvm.data.store import open_store
 from delvm.errors import DelvmError
-from delvm.hf import is_hf_folder
-from delvm.metrics import SCOPES, TaskMetrics
-from delvm.model import VisualLM
+from delvm.evaluation.metrics import SCOPES, TaskMetrics
+from delvm.model.checkpoint import load_model, read_checkpoint_config
+from delvm.model.hf import is_hf_folder
+from delvm.model.transformer import VisualLM
 
 
 @torch.no_grad()

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from delvm.checkpoint import load_model, save_model
 from delvm.fileio import atomic_write, write_json
-from delvm.hf import hf_config, load_hf_model, to_hf_state
+from delvm.model.checkpoint import load_model, save_model
+from delvm.model.hf import hf_config, load_hf_model, to_hf_state
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from delvm.demo.report import write_report
 from delvm.errors import DelvmError
 from delvm.fileio import read_json, write_json
 
@@ -195,15 +196,15 @@ class Demo:
     def measure(self) -> dict:
         """Validation metrics, task scores vs baselines, task recognition, sample grids."""
         from delvm.data.toyworld import TASKS, ToyWorldConfig, recognition_set, toyworld_example
-        from delvm.evaluate import evaluate
-        from delvm.prompting import load_prompter, save_grid
-        from delvm.task_eval import (
+        from delvm.evaluation.evaluate import evaluate
+        from delvm.evaluation.task_scores import (
             derain_scores,
             foreground_miou,
             pose_scores,
             prompt_dependence,
             task_recognition,
         )
+        from delvm.inference.prompting import load_prompter, save_grid
         from delvm.train.cli import open_sentences
 
         s = self.config.scores
@@ -279,10 +280,8 @@ class Demo:
         return result
 
     def report(self) -> None:
-        from delvm.demo_report import write_report
-
         start = time.perf_counter()
-        write_report(self)
+        write_report(self.out, self.config.world, self.timings)
         self.timings["report"] = f"{time.perf_counter() - start:.0f} s"
         print(f"[demo] report: {self.out / 'report.html'}")
 
@@ -303,7 +302,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the whole pipeline on the toy world, with an HTML report (reruns reuse stages)",
     )
-    p.add_argument("config", type=Path, nargs="?", default=Path("configs/demo.toml"))
+    p.add_argument("config", nargs="?", default="demo", help="a config file or shipped name")
     p.add_argument(
         "overrides", nargs="*", help="key=value or section.key=value, e.g. out=DIR train.steps=200"
     )

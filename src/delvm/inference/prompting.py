@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from delvm.data.images import load_square
 from delvm.errors import DelvmError
-from delvm.generate import Generator, SamplingConfig
-from delvm.images import load_square
-from delvm.model import VisualLM
+from delvm.inference.generate import Generator, SamplingConfig
+from delvm.model.transformer import VisualLM
 from delvm.tokenizer import VQGAN
 
 ImageLike = np.ndarray | str | Path  # RGB uint8 [H, W, 3] or an image file
@@ -168,8 +168,8 @@ def save_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 4) -> P
 
 def load_prompter(checkpoint: Path, tokenizer: Path, device: str = "cpu") -> VisualPrompter:
     """A prompter for a checkpoint (delvm or Hugging Face folder) and its tokenizer folder."""
-    from delvm.checkpoint import load_model, read_checkpoint_config
-    from delvm.hf import is_hf_folder
+    from delvm.model.checkpoint import load_model, read_checkpoint_config
+    from delvm.model.hf import is_hf_folder
     from delvm.tokenizer import load_tokenizer
 
     model = load_model(checkpoint, device).eval()

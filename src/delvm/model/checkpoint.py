@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from delvm.errors import DelvmError
 from delvm.fileio import atomic_write, read_json, write_json
-from delvm.hf import is_hf_folder, load_hf_model
-from delvm.model import ModelConfig, VisualLM
+from delvm.model.hf import is_hf_folder, load_hf_model
+from delvm.model.transformer import ModelConfig, VisualLM
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from delvm.errors import DelvmError
-from delvm.model import VisualLM
+from delvm.model.transformer import VisualLM
 
 
 @dataclass

@@ -17,7 +17,14 @@ import numpy as np
 from delvm.data.example import Example
 from delvm.data.render import decode_skeleton
 from delvm.errors import DelvmError
-from delvm.scores import FoldIoU, coco_keypoint_ap, foreground_mask, pck, psnr_ssim, recognised
+from delvm.evaluation.scores import (
+    FoldIoU,
+    coco_keypoint_ap,
+    foreground_mask,
+    pck,
+    psnr_ssim,
+    recognised,
+)
 
 Pair = tuple[np.ndarray, np.ndarray]
 Predict = Callable[[Sequence[Pair], Sequence[np.ndarray]], list[np.ndarray]]

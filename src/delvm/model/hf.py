@@ -5,7 +5,7 @@ Read: standard ``llama`` folders (LVM's release, or our own exports) and DeLVM's
 are read: modelling code shipped beside them (``modeling_*.py``, ``auto_map``) is never imported
 or executed. ``.bin`` weights are unpickled with ``weights_only=True`` only.
 
-Written: a standard ``LlamaForCausalLM`` folder (``delvm.export``).
+Written: a standard ``LlamaForCausalLM`` folder (``delvm.model.export``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from delvm.errors import DelvmError
 from delvm.fileio import read_json
-from delvm.model import ModelConfig, VisualLM
+from delvm.model.transformer import ModelConfig, VisualLM
 
 SUPPORTED_MODEL_TYPES = ("llama", "internlm")
 # LVM's release: 8192 VQ codes plus 100 ids its training never used (vocab 8292).

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from delvm.checkpoint import load_model
 from delvm.data.sampler import SamplerConfig, SentenceSampler
 from delvm.data.store import BuildConfig, build_store, open_store
 from delvm.errors import DelvmError
-from delvm.evaluate import evaluate
-from delvm.metrics import SCOPES
-from delvm.prompting import VisualPrompter, save_grid
+from delvm.evaluation.evaluate import evaluate
+from delvm.evaluation.metrics import SCOPES
+from delvm.inference.prompting import VisualPrompter, save_grid
+from delvm.model.checkpoint import load_model
 from delvm.tokenizer import load_tokenizer
 from delvm.train.cli import open_sentences
 from delvm.train.config import load_config
@@ -295,7 +295,7 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--out", type=Path, default=Path(f"runs/experiment-{name}"))
     p.add_argument("--steps", type=int, default=200, help="training steps of every arm")
     p.add_argument("--seed", type=int, default=0, help="training, sampling and toy-world seed")
-    p.add_argument("--train-config", type=Path, default=Path("configs/tiny.toml"))
+    p.add_argument("--train-config", default="tiny")
     p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
                    help="training override for every arm (repeatable)")  # fmt: skip
     p.add_argument("--resolution", type=int, default=64, help="toy-world image side")

@@ -93,7 +93,7 @@ PRESETS: dict[str, ModelConfig] = {
     "80m": ModelConfig(
         hidden_size=768, intermediate_size=3072, num_heads=12, num_layers=12, block="vit"
     ),
-    # The published checkpoints' shapes (delvm.hf reads their folders): DeLVM's InternLM-format
+    # The published checkpoints' shapes (delvm.model.hf reads their folders): DeLVM's InternLM-format
     # releases (q/k/v/o biases, SwiGLU width 8/3 * hidden rounded up to 256, learned embedding)
     # and LVM's 7B (LLaMA-7B shape, 8292 ids of which 8192 are VQ codes, 4096 context).
     "delvm-300m-hf": ModelConfig(
@@ -163,7 +163,7 @@ class KVCache:
     """Preallocated keys and values for every layer: [layers, B, heads, max_len, head_dim] each.
 
     Its dtype may differ from the weights': on CPU, attention over a long cache is fastest in
-    fp32 even when the weights are bf16 (this is what `delvm.generate` uses for decoding).
+    fp32 even when the weights are bf16 (this is what `delvm.inference.generate` uses for decoding).
     """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype, device):

@@ -1,0 +1,1 @@
+"""`delvm demo`: the whole pipeline on the toy world, with an HTML report."""

@@ -1,0 +1,1 @@
+"""Generation and visual prompting: example pairs + a query image in, the answer image out."""
