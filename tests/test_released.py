@@ -16,7 +16,8 @@ from delvm.inference.generate import SamplingConfig, generate
 from delvm.model.checkpoint import load_model
 from delvm.model.transformer import VisualLM, count_parameters, preset
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "delvm_released_hf_parity"
+# Made by DeLVM's InternLM modelling code (tests/fixtures/delvm_released_hf_parity/README.md).
+FIXTURE = Path(__file__).parent / "fixtures" / "delvm_released_hf_parity"
 
 
 @pytest.fixture()

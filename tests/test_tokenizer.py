@@ -17,9 +17,8 @@ from delvm.tokenizer import PRESETS, VQGAN, VQGANConfig, load_tokenizer, preset
 from delvm.tokenizer.vqgan import AttnBlock
 from tests.support.tiny import TINY_VQGAN as TINY
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vqgan_muse_parity"
-if not FIXTURE.is_dir():
-    FIXTURE = Path("/work/shared/fixtures/vqgan_muse_parity")
+# Made by open-muse's VQGANModel itself (tests/fixtures/vqgan_muse_parity/README.md).
+FIXTURE = Path(__file__).parent / "fixtures" / "vqgan_muse_parity"
 
 
 def tiny(seed: int = 0, **changes) -> VQGAN:
@@ -39,8 +38,8 @@ def parity():
 def test_fixture_tokens_and_pixels_match_the_reference(parity):
     model, expected = parity
     ids = model.encode(expected["images_uint8"])
-    assert ids.shape == (4, 256) and ids.dtype == torch.int64
-    assert (ids.numpy() == expected["tokens"]).all()  # all 1,024 tokens
+    assert ids.shape == (2, 256) and ids.dtype == torch.int64
+    assert (ids.numpy() == expected["tokens"]).all()  # all 512 tokens
     decoded = model.decode(expected["tokens"], clamp=False).numpy()
     assert np.abs(decoded - expected["decoded"]).max() < 1e-4
     clamped = model.decode(expected["tokens"])
@@ -51,15 +50,15 @@ def test_fixture_facts(parity):
     model, _ = parity
     assert model.grid_size == 16 and model.num_codes == 8192
     assert model.codebook.shape == (8192, 64)
-    # the fixture is the public shape with hidden_channels 32
-    assert model.config == preset("f16-8192", hidden_channels=32)
+    # the fixture is the public shape, narrowed to fit in the repository
+    assert model.config == preset("f16-8192", hidden_channels=32, num_res_blocks=1)
 
 
 def test_bf16_encode_mostly_agrees_with_fp32(parity):
     model, expected = parity
     ids = model.encode(expected["images_uint8"][:1], bf16=True)
     agree = (ids.numpy() == expected["tokens"][:1]).mean()
-    assert agree > 0.9, agree  # bf16 rounding moves near-ties only (98 % agree here)
+    assert agree > 0.9, agree  # bf16 rounding moves near-ties only (all agree on this fixture)
     pixels = model.decode(expected["tokens"][:1], bf16=True)
     reference = np.clip(expected["decoded"][:1], 0, 1)
     assert np.abs(pixels.numpy() - reference).mean() < 0.02
@@ -67,7 +66,7 @@ def test_bf16_encode_mostly_agrees_with_fp32(parity):
 
 def test_input_layouts_give_the_same_tokens(parity):
     model, expected = parity
-    hwc = expected["images_uint8"][:2]
+    hwc = expected["images_uint8"]
     chw = torch.from_numpy(hwc).permute(0, 3, 1, 2)
     unit = chw.float() / 255
     reference = model.encode(hwc)
