@@ -1,6 +1,8 @@
 """Data sources on small files written here in each real format, good and bad."""
 
 import json
+import struct
+import zlib
 
 import av
 import numpy as np
@@ -33,6 +35,22 @@ def save(path, array) -> None:
     Image.fromarray(array).save(path)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG declaring width x height with almost no pixel data: a cheap decompression bomb
+    (Pillow reads the size from the header alone)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    idat = zlib.compress(b"\0" * 16)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
 # Files every image-reading source must either keep (converted to RGB) or skip with a reason.
 def write_odd_images(folder, stems=None) -> tuple[set[str], dict[str, str]]:
     """Write one file of each awkward kind; return (stems that must load, stem -> skip reason)."""
@@ -50,6 +68,8 @@ def write_odd_images(folder, stems=None) -> tuple[set[str], dict[str, str]]:
     (folder / "whole.jpg").unlink()
     (folder / "text.jpg").write_text("this is not an image\n")
     Image.new("1", (8200, 8000)).save(folder / "huge.png")  # 65.6 MP: over the bomb limit
+    (folder / "warned.png").write_bytes(png_header(10_000, 10_000))  # Pillow only warns
+    (folder / "bomb.png").write_bytes(png_header(20_000, 20_000))  # Pillow raises its own error
     good = {"cmyk", "deep16", "rgba", "gray", "palette"}
     bad = {
         "empty": "empty",
@@ -57,6 +77,8 @@ def write_odd_images(folder, stems=None) -> tuple[set[str], dict[str, str]]:
         "truncated": "truncated",
         "text": "not an image",
         "huge": "pixel limit",
+        "warned": "pixel limit",
+        "bomb": "pixel limit",
     }
     return good, bad
 
@@ -185,6 +207,8 @@ def test_coco_keypoints_per_image_and_per_person(tmp_path):
         {"id": 14, "image_id": 3, "category_id": 1, "keypoints": coco_person(50, 60, 12)},
         {"id": 15, "image_id": 1, "category_id": 1},  # no keypoints
         {"id": 16, "image_id": 1, "category_id": 1, "keypoints": [1, 2, 3]},
+        {"id": 17, "image_id": 99, "category_id": 1, "keypoints": coco_person(50, 60, 12)},
+        {"id": 18, "image_id": [1], "category_id": 1, "keypoints": coco_person(50, 60, 12)},
     ]  # fmt: skip
     path = coco_file(tmp_path, annotations, images)
 
@@ -199,7 +223,9 @@ def test_coco_keypoints_per_image_and_per_person(tmp_path):
     assert "the JSON says 160x100" in reasons["000000000002.jpg"]
     assert "empty" in reasons["000000000003.jpg"]
     assert "without 'id'" in reasons["person_keypoints_val2017.json#image=4"]
-    assert len(skipped) == 5
+    assert "image_id 99 is not in the file's 'images'" in reasons["person_keypoints_val2017.json#annotation=17"]  # fmt: skip
+    assert "not a number or string" in reasons["person_keypoints_val2017.json#annotation=18"]
+    assert len(skipped) == 7
 
     people, _ = split(iter_coco_keypoints(path, images_dir, per_person=True))
     assert [p.source.rsplit("#", 1)[1] for p in people] == ["person=10", "person=11"]
@@ -268,6 +294,7 @@ def test_sa1b_instances_in_random_colours_with_bad_files_reported(tmp_path):
     short["annotations"][0]["segmentation"]["counts"] = short_rle["counts"].decode()
     save(tmp_path / "sa_7.jpg", photo(height, width))
     (tmp_path / "sa_7.json").write_text(json.dumps(short))
+    save(tmp_path / "sa_8.jpg", photo(height, width))  # no sa_8.json
 
     examples, skipped = split(iter_sa1b(tmp_path))
     (example,) = examples
@@ -282,8 +309,9 @@ def test_sa1b_instances_in_random_colours_with_bad_files_reported(tmp_path):
     assert not np.array_equal(next(iter_sa1b(tmp_path, seed=1)).images[1], target)
     reasons = {s.source.rsplit("/", 1)[-1]: s.reason for s in skipped}
     assert set(reasons) == {
-        "sa_2.json", "sa_3.json", "sa_4.json", "sa_5.jpg", "sa_6.json", "sa_7.json"
+        "sa_2.json", "sa_3.json", "sa_4.json", "sa_5.jpg", "sa_6.json", "sa_7.json", "sa_8.jpg"
     }  # fmt: skip
+    assert "no annotation file sa_8.json" in reasons["sa_8.jpg"]
     assert "ends inside a number" in reasons["sa_2.json"]
     assert (
         f"covers {height * width - runs[-1]} pixels, not {height * width}" in reasons["sa_7.json"]

@@ -1,6 +1,7 @@
 """The token store: format and verification, the build (tokens, balancing, report), resume, ranks."""
 
 import inspect
+import io
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from delvm.data.store import (
 from delvm.errors import DelvmError
 from delvm.tokenizer import load_tokenizer
 from tests.support.tiny import untrained_cpu_tokenizer
+from tests.test_data_sources import coco_file, coco_person, photo, png_header, sa1b_record
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -57,6 +59,12 @@ def write_pairs(root: Path, count: int, seed: int, size=(20, 24)) -> Path:
             pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / name / f"im{i:03d}.png")
     return root
+
+
+def jpeg_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def config_toml(path: Path, out: Path, tokenizer: Path, sources: list[dict], **settings) -> Path:
@@ -249,6 +257,82 @@ def test_bad_files_are_skipped_with_reasons_and_every_good_example_kept(tmp_path
     saved = json.loads((tmp_path / "store" / "report.json").read_text())
     assert saved["sources"][0]["skipped"] == report["sources"][0]["skipped"]
     assert open_store(tmp_path / "store").tasks["derain"].num_examples == 2
+
+
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
+def test_no_bad_file_stops_a_build_and_each_is_reported_with_its_reason(tmp_path, tokenizer_dir):
+    pairs = write_pairs(tmp_path / "pairs", 3, seed=8)
+    bad_inputs = {
+        "empty.png": b"",
+        "truncated.jpg": jpeg_bytes(photo(40, 60))[:300],
+        "text.png": b"not an image\n",
+        "bomb.png": png_header(20_000, 20_000),  # over Pillow's own limit: its error, not OSError
+        "warned.png": png_header(10_000, 10_000),  # Pillow would only warn
+    }
+    for name, data in bad_inputs.items():
+        (pairs / "input" / name).write_bytes(data)
+        Image.fromarray(photo(20, 24)).save(pairs / "target" / f"{Path(name).stem}.png")
+    Image.fromarray(photo(20, 24)).save(pairs / "input" / "lonely.png")
+
+    coco_images = tmp_path / "coco" / "images"
+    coco_images.mkdir(parents=True)
+    for i in (1, 2):
+        Image.fromarray(photo(120, 160, seed=i)).save(coco_images / f"{i:012d}.jpg")
+    person = {"category_id": 1, "keypoints": coco_person(50, 60, 12)}
+    coco = coco_file(
+        tmp_path / "coco",
+        [{"id": 10, "image_id": 1, **person}, {"id": 11, "image_id": 2, **person},
+         {"id": 12, "image_id": 7, **person}],  # image 7 is not in `images`
+        [{"id": 1, "file_name": "000000000001.jpg"}, {"id": 2, "file_name": "000000000002.jpg"}],
+    )  # fmt: skip
+
+    sa1b = tmp_path / "sa1b"
+    sa1b.mkdir()
+    mask = np.zeros((48, 64), dtype=bool)
+    mask[5:40, 5:50] = True
+    for name in ("sa_1", "sa_2", "sa_3", "sa_4", "sa_5"):
+        Image.fromarray(photo(48, 64)).save(sa1b / f"{name}.jpg")
+        record = sa1b_record(name, [mask], 48, 64)
+        (sa1b / f"{name}.json").write_text(json.dumps(record))
+    (sa1b / "sa_3.json").unlink()  # an image without its annotation
+    (sa1b / "sa_4.json").write_text('{"image": {"file_name": "sa_4.jpg"}, "annot')
+    record = sa1b_record("sa_5", [mask], 48, 64)
+    record["annotations"][0]["segmentation"]["counts"] = "\x7f\x7f"  # not RLE characters
+    (sa1b / "sa_5.json").write_text(json.dumps(record))
+
+    config = BuildConfig(
+        out=str(tmp_path / "store"), tokenizer=str(tokenizer_dir), shard_size=2, batch_size=2,
+        balance="none",
+        sources=[{"format": "paired", "root": str(pairs), "task": "derain"},
+                 {"format": "coco_keypoints", "json_path": str(coco), "image_dir": str(coco_images)},
+                 {"format": "sa1b", "folder": str(sa1b)}],
+    )  # fmt: skip
+    report = Builder(config, load_tokenizer(tokenizer_dir)).run()
+
+    def reasons(index):
+        return {s["file"].rsplit("/", 1)[-1]: s["reason"] for s in report["sources"][index]["skipped"]}  # fmt: skip
+
+    assert reasons(0).keys() == {*bad_inputs, "lonely.png"}
+    for name, words in [("empty.png", "empty"), ("truncated.jpg", "truncated"),
+                        ("text.png", "not an image"), ("bomb.png", "pixel limit"),
+                        ("warned.png", "pixel limit"), ("lonely.png", "no matching target")]:  # fmt: skip
+        assert words in reasons(0)[name], (name, reasons(0)[name])
+    assert reasons(1) == {coco.name + "#annotation=12": "image_id 7 is not in the file's 'images'"}
+    assert reasons(2).keys() == {"sa_3.jpg", "sa_4.json", "sa_5.json"}
+    assert "no annotation file sa_3.json" in reasons(2)["sa_3.jpg"]
+    assert "not valid JSON" in reasons(2)["sa_4.json"]
+    assert "invalid RLE" in reasons(2)["sa_5.json"]
+    assert [len(s["skipped"]) for s in report["sources"]] == [6, 1, 3]
+
+    store = open_store(config.out)  # every valid example survives, in source order
+    names = {task: [Path(s).name for s in t.sources] for task, t in store.tasks.items()}
+    assert names == {
+        "derain": ["im000.png", "im001.png", "im002.png"],
+        "pose": ["000000000001.jpg", "000000000002.jpg"],
+        "segmentation": ["sa_1.jpg", "sa_2.jpg"],
+    }
+    printed = store_module.format_report(report)
+    assert "6 skipped" in printed and "skipped " + str(pairs / "input" / "bomb.png") in printed
 
 
 def test_unusable_sources_and_configs_are_clear_errors(tmp_path, tokenizer_dir):

@@ -17,7 +17,7 @@ from delvm.errors import DelvmError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
-# Pillow's own bomb limit is ~179 MP with a warning only; we refuse earlier and always.
+# Refused from the header, before decoding: Pillow's own bomb check only warns below ~179 MP.
 MAX_IMAGE_PIXELS = 64_000_000
 
 
@@ -45,11 +45,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Read `path` as an RGB uint8 array [H, W, 3], EXIF orientation applied.
+def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """`Image.open` (header only) with the pixel limit checked before anything is decoded.
 
-    Raises DelvmError (one line naming the file) for missing, empty, truncated, non-image or
-    oversized files.
+    Pillow's own decompression-bomb check warns from ~89 MP and raises from ~179 MP; the warning
+    is silenced because this limit is lower, and the error becomes a DelvmError like ours.
+    Raises DelvmError (one line naming the file) for missing, empty, non-image or oversized files.
     """
     path = Path(path)
     if not path.is_file():
@@ -57,26 +58,45 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     if path.stat().st_size == 0:
         raise DelvmError(f"{path}: empty file (0 bytes); re-export or remove it")
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise DelvmError(
-                    f"{path}: {width}x{height} exceeds the {max_pixels:,}-pixel limit "
-                    "(downscale it, or raise max_pixels if you trust the file)"
-                )
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image.load()
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(_to_rgb(image), dtype=np.uint8).copy()
-    except DelvmError:
-        raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as err:  # not an OSError
+        raise DelvmError(f"{path}: exceeds the pixel limit ({err}); downscale it") from None
     except UnidentifiedImageError:
         raise DelvmError(
             f"{path}: not an image Pillow can read (remove it or convert it)"
         ) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
+    except (OSError, SyntaxError, ValueError) as err:
         raise DelvmError(f"{path}: unreadable or truncated image ({err}); re-export it") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise DelvmError(
+            f"{path}: {width}x{height} exceeds the {max_pixels:,}-pixel limit "
+            "(downscale it, or raise max_pixels if you trust the file)"
+        )
+    return image
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read `path` as an RGB uint8 array [H, W, 3], EXIF orientation applied.
+
+    Raises DelvmError (one line naming the file) for missing, empty, truncated, non-image or
+    oversized files.
+    """
+    with open_image(path, max_pixels) as image:
+        try:
+            with warnings.catch_warnings():  # a frame bigger than the header said
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image.load()
+            image = ImageOps.exif_transpose(image)
+            return np.asarray(_to_rgb(image), dtype=np.uint8).copy()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+                Image.DecompressionBombError) as err:  # fmt: skip
+            raise DelvmError(
+                f"{path}: unreadable or truncated image ({err}); re-export it"
+            ) from None
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:

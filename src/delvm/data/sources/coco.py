@@ -31,6 +31,10 @@ def _person_category(data: dict, json_path: Path) -> int:
     )
 
 
+def _is_id(value) -> bool:
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
 def _persons(data: dict, json_path: Path, category: int, min_keypoints: int):
     """Usable annotations grouped by image id, plus Skipped for malformed ones."""
     by_image, skipped = defaultdict(list), []
@@ -38,6 +42,11 @@ def _persons(data: dict, json_path: Path, category: int, min_keypoints: int):
         where = f"{json_path}#annotation={ann.get('id', index) if isinstance(ann, dict) else index}"
         if not isinstance(ann, dict) or "image_id" not in ann or "keypoints" not in ann:
             skipped.append(Skipped(where, "annotation without 'image_id' or 'keypoints'"))
+            continue
+        if not _is_id(ann["image_id"]):
+            skipped.append(
+                Skipped(where, f"'image_id' {ann['image_id']!r}: not a number or string")
+            )
             continue
         if ann.get("category_id", category) != category or ann.get("iscrowd", 0):
             continue
@@ -111,8 +120,15 @@ def iter_coco_keypoints(
         raise DelvmError(f"{json_path}: not a COCO file (needs 'images' and 'annotations' lists)")
     by_image, skipped = _persons(data, json_path, _person_category(data, json_path), min_keypoints)
     yield from skipped
+    known = {r.get("id") for r in data["images"] if isinstance(r, dict) and _is_id(r.get("id"))}
+    for image_id, persons in by_image.items():  # annotation order: a build's report is stable
+        if image_id not in known:
+            for ann, _ in persons:
+                where = f"{json_path}#annotation={ann.get('id')}"
+                yield Skipped(where, f"image_id {image_id!r} is not in the file's 'images'")
     for index, record in enumerate(data["images"]):
-        if not isinstance(record, dict) or "id" not in record or "file_name" not in record:
+        ok = isinstance(record, dict) and isinstance(record.get("file_name"), str)
+        if not ok or not _is_id(record.get("id")):
             yield Skipped(f"{json_path}#image={index}", "image record without 'id' or 'file_name'")
             continue
         persons = by_image.get(record["id"])

@@ -98,7 +98,10 @@ def _example(json_path: Path, folder: Path, task: str, seed: int) -> Example | S
         return Skipped(str(json_path), "needs an 'image' record and an 'annotations' list")
     if not annotations:
         return Skipped(str(json_path), "no masks")
-    image_path = folder / info.get("file_name", json_path.with_suffix(".jpg").name)
+    name = info.get("file_name", json_path.with_suffix(".jpg").name)
+    if not isinstance(name, str):
+        return Skipped(str(json_path), f"'file_name' {name!r} is not a file name")
+    image_path = folder / name
     image = load_or_skip(image_path)
     if isinstance(image, Skipped):
         return image
@@ -129,5 +132,10 @@ def iter_sa1b(
     json_paths = sorted(folder.glob("*.json"))
     if not json_paths:
         raise DelvmError(f"{folder}: no SA-1B annotation files (expected sa_N.jpg + sa_N.json)")
-    for json_path in json_paths:
-        yield _example(json_path, folder, task, seed)
+    annotated = {p.stem for p in json_paths}
+    orphans = [p for p in folder.glob("*.jpg") if p.stem not in annotated]
+    for path in sorted(json_paths + orphans):
+        if path.suffix == ".jpg":
+            yield Skipped(str(path), f"no annotation file {path.stem}.json beside it")
+        else:
+            yield _example(path, folder, task, seed)
