@@ -49,12 +49,21 @@ def test_demo_runs_end_to_end_then_reuses_every_stage(tmp_path, capsys):
     assert page.count("data:image/png;base64,") == 5  # curves + 3 task grids + recognition grid
     for stage in STAGES[:-1]:
         assert f"[demo] {stage}: reused" not in first
+    # results.md: the same scores as Markdown, with each stage's measured time.
+    timings = json.loads((out / "timings.json").read_text())
+    assert list(timings) == list(STAGES[:-1])
+    results = (out / "results.md").read_text()
+    assert f"| derain | PSNR (dB) | {scores['derain']['psnr']:.3f} |" in results
+    assert f"| lvm | {timings['lvm']['seconds']:.0f} |" in results
 
     # A rerun reuses every finished stage and writes the same scores.
     assert main(["demo", str(CONFIG), f"out={out}", *TINY]) == 0
     second = capsys.readouterr().out
     assert all(f"[demo] {stage}: reused" in second for stage in STAGES[:-1])
     assert json.loads((out / "scores.json").read_text()) == scores
+    # Reused stages keep the times they were measured in, so results.md does not change.
+    assert json.loads((out / "timings.json").read_text()) == timings
+    assert (out / "results.md").read_text() == results
 
 
 def test_a_demo_folder_refuses_other_settings(tmp_path, capsys):

@@ -10,11 +10,11 @@ from delvm.errors import DelvmError
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so importing delvm.cli stays cheap for code that only calls main().
-    from delvm import configs, serve
+    from delvm import configs, results, serve
     from delvm.classify import cli as classify_cli
     from delvm.data import cli as data_cli
     from delvm.demo import pipeline as demo
-    from delvm.evaluation import evaluate
+    from delvm.evaluation import evaluate, pascal5i
     from delvm.experiments import studies as experiments
     from delvm.inference import prompting
     from delvm.model import export
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.add_commands(sub)
     train_cli.add_commands(sub)
     evaluate.add_commands(sub)
+    pascal5i.add_commands(sub)
     experiments.add_commands(sub)
     prompting.add_commands(sub)
     serve.add_commands(sub)
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify_cli.add_commands(sub)
     demo.add_commands(sub)
     configs.add_commands(sub)
+    results.add_commands(sub)
     return parser
 
 

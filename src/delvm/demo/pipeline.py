@@ -8,24 +8,28 @@ Stages, each in its own folder under OUT; a finished stage is reused and a kille
 4. ``lvm``: a small visual language model trained on it (`delvm train`);
 5. ``scores``: validation loss / accuracy per task, task scores next to trivial baselines on a
    held-out world, task recognition on mixed scenes, prompt -> output grids;
-6. ``report.html``: all of it on one page, with loss curves.
+6. ``report.html``: all of it on one page, with loss curves; ``results.md``: the scores as
+   Markdown with the command, date and hardware that measured them (for `delvm results`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime
 from pathlib import Path
 
 from tqdm import tqdm
 
-from delvm.demo.report import write_report
+from delvm.demo.report import write_report, write_results
 from delvm.errors import DelvmError
 from delvm.fileio import read_json, write_json
+from delvm.results import hardware_class
 
 STAGES = ("world", "tokenizer", "store", "lvm", "scores", "report")
 
@@ -84,10 +88,15 @@ def load_demo_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:
 class Demo:
     """Runs the stages in order; ``self.timings`` records what each took (or that it was reused)."""
 
-    def __init__(self, config: DemoConfig):
-        self.config = config
+    def __init__(self, config: DemoConfig, command: str = "delvm demo"):
+        self.config, self.command = config, command
         self.out = Path(config.out)
         self.timings: dict[str, str] = {}
+        # Each stage's measured time, kept across reruns (a reused stage keeps its first run's).
+        self.stage_log = self.out / "timings.json"
+        self.measured: dict[str, dict] = (
+            read_json(self.stage_log) if self.stage_log.exists() else {}
+        )
         self.paths = {name: self.out / name for name in ("world", "tokenizer", "store", "lvm")}
 
     # -- bookkeeping
@@ -117,7 +126,14 @@ class Demo:
                 f"demo stage {name} stopped before it finished; run the same command again to "
                 "resume it"
             )
-        self.timings[name] = f"{time.perf_counter() - start:.0f} s"
+        seconds = time.perf_counter() - start
+        self.timings[name] = f"{seconds:.0f} s"
+        self.measured[name] = {
+            "seconds": seconds,
+            "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "hardware": hardware_class(),
+        }
+        write_json(self.stage_log, self.measured)
         print(f"[demo] {name}: {self.timings[name]}")
 
     # -- stages
@@ -282,8 +298,9 @@ class Demo:
     def report(self) -> None:
         start = time.perf_counter()
         write_report(self.out, self.config.world, self.timings)
+        write_results(self.out, self.command, self.measured)
         self.timings["report"] = f"{time.perf_counter() - start:.0f} s"
-        print(f"[demo] report: {self.out / 'report.html'}")
+        print(f"[demo] report: {self.out / 'report.html'}, {self.out / 'results.md'}")
 
     def run(self) -> Path:
         self.check_settings()
@@ -293,7 +310,8 @@ class Demo:
 
 
 def _run(args: argparse.Namespace) -> None:
-    report = Demo(load_demo_config(args.config, args.overrides)).run()
+    command = shlex.join(["delvm", "demo", args.config, *args.overrides])
+    report = Demo(load_demo_config(args.config, args.overrides), command).run()
     print(f"open {report} in a browser")
 
 

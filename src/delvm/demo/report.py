@@ -1,4 +1,7 @@
-"""The demo's one-page HTML report: scores next to baselines, curves and prompt grids, inline."""
+"""The demo's reports, from the stages' files: a one-page HTML report (scores next to baselines,
+curves and prompt grids, inline) and OUT/results.md, the same scores as Markdown with the command,
+date and hardware that measured them (what `delvm results` puts on the docs' results page).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+from delvm.evaluation.evaluate import markdown_table
 from delvm.evaluation.metrics import SCOPES
 from delvm.fileio import atomic_write, read_json
 
@@ -186,4 +190,102 @@ the prompt is ignored for that task. Overall
 """
     path = out / "report.html"
     atomic_write(path, lambda tmp: tmp.write_text(page))
+    return path
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def write_results(out: Path, command: str, stages: dict[str, dict]) -> Path:
+    """Write OUT/results.md from scores.json, demo_config.json and ``stages`` (per stage that ran:
+    seconds, finished (ISO date), hardware; as `delvm demo` records them in timings.json)."""
+    scores = read_json(out / "scores.json")
+    settings = read_json(out / "demo_config.json")
+    tokenizer = read_json(out / "tokenizer" / "report.json")
+    world, train = settings["world"], settings["train"]
+    model = train.get("model", {})
+    psnr = tokenizer.get("final", {}).get("psnr", float("nan"))
+
+    hardware = sorted({stage["hardware"] for stage in stages.values()})
+    if not hardware:
+        machine = "not recorded"
+    elif len(hardware) == 1:
+        machine = hardware[0]
+    else:  # a folder resumed on another machine: each stage names its own below
+        machine = "each stage's, in the time table below"
+    finished = stages.get("scores", {}).get("finished", "(time not recorded)")
+
+    score_rows = [
+        [task, metric, f"{value:.3f}", name, f"{baseline:.3f}", "yes" if beats else "no",
+         f"{limit:.3f}"]
+        for task, metric, value, name, baseline, beats, limit in task_rows(scores)
+    ]  # fmt: skip
+    recognition, dependence = scores["recognition"], scores["prompt_dependence"]
+    recognition_rows = [[t, f"{100 * v:.1f} %"] for t, v in recognition["per_task"].items()]
+    recognition_rows.append(["all", f"{100 * recognition['accuracy']:.1f} %"])
+    truths = list(dependence["per_task"])
+    dependence_rows = [
+        [prompt, *(f"{nll[t]:.3f}" for t in truths)] for prompt, nll in dependence["nll"].items()
+    ]
+    dependence_rows.append(
+        ["most likely under its own prompt"]
+        + [f"{100 * dependence['per_task'][t]:.1f} %" for t in truths]
+    )
+    several = len(hardware) > 1
+    time_rows = [
+        [name, f"{stage['seconds']:.0f}", stage["finished"]] + [stage["hardware"]] * several
+        for name, stage in stages.items()
+    ]
+    total = sum(stage["seconds"] for stage in stages.values())
+
+    text = f"""# The demo: `{command}`
+
+- Measured by `{command}`; scores finished {finished}.
+- Hardware: {machine}.
+- Settings (`{out / "demo_config.json"}`): world segmentation {world.get("segmentation")} : pose
+  {world.get("pose")} : derain {world.get("derain")} (seed {world.get("seed")}); tokenizer
+  {tokenizer["steps"]} steps, held-out PSNR {psnr:.2f} dB; LVM `{model.get("preset", "")}` with
+  {model.get("overrides", {})}, {train.get("steps")} steps, precision {train.get("precision")}.
+- Queries: from a held-out toy world of another seed, {scores["shots"]} example pair(s) per
+  prompt, greedy decoding.
+
+## Task scores against trivial baselines
+
+The tokenizer ceiling is each query's own truth encoded and decoded: what an LVM that predicts
+every code right would score.
+
+{_markdown(["task", "metric", "model", "baseline", "baseline score", "beats it", "ceiling"],
+           score_rows)}
+
+## Task recognition (mixed scenes)
+
+Each mixed scene under every task's prompt; an output counts when it is nearest (MSE) the prompted
+task's truth. Chance is {100 / len(recognition["per_task"]):.1f} %.
+
+{_markdown(["prompted task", "outputs nearest its truth"], recognition_rows)}
+
+## Prompt dependence
+
+Each truth of the same scenes scored under each task's prompt (teacher-forced, nats per token,
+lower is more likely); a model that reads the prompt is lowest on the diagonal.
+{100 * dependence["accuracy"]:.1f} % of truths are most likely under their own prompt.
+
+{_markdown(["prompt (row) / truth (column)", *truths], dependence_rows)}
+
+## Validation (held-out sentences)
+
+{markdown_table(scores["validation"])}
+
+## Time
+
+Each stage's wall-clock time when it ran (a stage resumed after a kill: its last part).
+
+{_markdown(["stage", "seconds", "finished"] + ["hardware"] * several, time_rows)}
+
+All stages listed: {total:.0f} s.
+"""  # fmt: skip
+    path = out / "results.md"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
