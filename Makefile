@@ -11,7 +11,8 @@ TEST_STAMP := $(VENV)/.installed-test
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, by exact version: it is the CPU build on local disk.
+	# torch first, by exact version: it is the CPU build on local disk, which pyproject's
+	# open range (torch>=2.6) then keeps.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e .
 	touch $(STAMP)
