@@ -9,17 +9,34 @@ from delvm.evaluation.scores import (
     foreground_mask,
     pck,
     psnr_ssim,
+    query_iou,
     recognised,
 )
 
 
-def test_foreground_mask_uses_a_low_grayscale_threshold():
-    image = np.zeros((2, 3, 3), np.uint8)
-    image[0, 0] = 255
-    image[0, 1] = (90, 90, 90)  # dim grey: above a 0.25 threshold, below 0.5
-    image[1, 2] = (20, 20, 20)
-    assert foreground_mask(image, 0.25).tolist() == [[True, True, False], [False, False, False]]
-    assert foreground_mask(image, 0.5).sum() == 1
+def test_foreground_mask_is_bar_et_al_rounding_to_the_nearer_of_white_and_black():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    image[0, :2] = [(255, 128, 0), (255, 127, 0)]  # channel means 127.67 and 127.33
+    pixels = image.astype(np.int64)
+    # Bar et al.'s round_image: each pixel becomes the nearer (squared distance) of the two.
+    nearer_white = ((pixels - 255) ** 2).sum(axis=2) < (pixels**2).sum(axis=2)
+    np.testing.assert_array_equal(foreground_mask(image), nearer_white)
+    assert foreground_mask(image)[0, :2].tolist() == [True, False]
+    grey = np.array([[(90, 90, 90), (20, 20, 20)]], np.uint8)  # 90: above 0.25 of white, below 0.5
+    assert foreground_mask(grey, 0.25).tolist() == [[True, False]]
+    assert foreground_mask(grey, 0.05).tolist() == [[True, True]]
+    assert not foreground_mask(grey).any()
+
+
+def test_query_iou_by_hand():
+    predicted, truth = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    predicted[:2] = True  # 8 pixels
+    truth[1:3] = True  # 8 pixels, 4 shared
+    assert query_iou(predicted, truth) == 4 / 12
+    assert query_iou(truth, truth) == 1.0
+    assert query_iou(np.zeros_like(truth), np.zeros_like(truth)) == 1.0  # nothing to find
+    assert query_iou(np.zeros_like(truth), truth) == 0.0
 
 
 def test_fold_iou_matches_torchmetrics_per_class():

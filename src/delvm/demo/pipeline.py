@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from delvm.demo.report import write_report, write_results
 from delvm.errors import DelvmError
+from delvm.evaluation.scores import FOREGROUND_THRESHOLD
 from delvm.fileio import read_json, write_json
 from delvm.results import hardware_class
 
@@ -41,7 +42,7 @@ class ScoreSection:
     seed_offset: int = 1000
     queries: int = 24  # held-out queries per task
     recognition: int = 24  # mixed scenes, each prompted with every task
-    threshold: float = 0.1  # grayscale foreground threshold for segmentation outputs
+    threshold: float = FOREGROUND_THRESHOLD  # segmentation outputs -> masks (scores.py)
     grid_rows: int = 4  # prompt -> output rows per task in the report
 
 

@@ -1,7 +1,7 @@
 """Task scores for generated images — the numbers the papers leave as future work.
 
-- Foreground segmentation (Pascal-5i protocol): output -> grayscale -> low threshold -> binary
-  mask; IoU per class accumulated over a fold's episodes, mIoU = mean over the fold's classes.
+- Foreground segmentation (Pascal-5i): output -> binary mask (`foreground_mask`); IoU per query
+  (Bar et al.'s mean over queries) and per class accumulated over a fold's episodes (`FoldIoU`).
 - Pose: keypoints read back from a generated skeleton map (`delvm.data.render.decode_skeleton`);
   PCK@0.2 and COCO keypoint AP (pycocotools' COCOeval).
 - Deraining: PSNR and SSIM against the clean image (torchmetrics).
@@ -17,22 +17,26 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
-# ITU-R BT.601 luma, as PIL's "L" conversion.
-_LUMA = np.array([0.299, 0.587, 0.114])
+# A generated pixel is foreground when its mean over R, G, B exceeds this share of white. 0.5 is
+# the rule of Bar et al. (Visual Prompting, NeurIPS 2022), whose Pascal-5i protocol DeLVM follows:
+# each pixel is rounded to the nearer of white and black.
+FOREGROUND_THRESHOLD = 0.5
 
 
-def foreground_mask(image: np.ndarray, threshold: float = 0.25) -> np.ndarray:
-    """RGB uint8 [H, W, 3] -> bool mask where the grayscale value exceeds ``threshold`` (0..1).
+def foreground_mask(image: np.ndarray, threshold: float = FOREGROUND_THRESHOLD) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> bool mask where the channel mean exceeds ``threshold`` (0..1).
 
-    A low threshold: generated foreground is white-ish on black, often not pure white.
+    At 0.5: the pixels nearer white than black (no integer pixel is equally near both).
     """
-    gray = image.astype(np.float64) @ _LUMA / 255.0
-    return gray > threshold
+    return image.astype(np.int64).sum(axis=2) > threshold * 3 * 255
+
+
+def query_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """One query's IoU |P & T| / |P | T|; 1.0 when both masks are empty (nothing to find)."""
+    predicted, truth = predicted.astype(bool), truth.astype(bool)
+    union = int(np.logical_or(predicted, truth).sum())
+    return int(np.logical_and(predicted, truth).sum()) / union if union else 1.0
 
 
 class FoldIoU:
@@ -119,6 +123,12 @@ def _as_batch(images: list[np.ndarray]) -> torch.Tensor:
 
 def psnr_ssim(outputs: list[np.ndarray], clean: list[np.ndarray]) -> dict[str, float]:
     """Mean PSNR (dB) and SSIM of RGB uint8 outputs against clean references, in [0, 1] range."""
+    # Imported here: torchmetrics takes seconds to import, and the CLI imports this module.
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
+
     x, y = _as_batch(outputs), _as_batch(clean)
     psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(x, y, data_range=1.0)

@@ -18,11 +18,13 @@ from delvm.data.example import Example
 from delvm.data.render import decode_skeleton
 from delvm.errors import DelvmError
 from delvm.evaluation.scores import (
+    FOREGROUND_THRESHOLD,
     FoldIoU,
     coco_keypoint_ap,
     foreground_mask,
     pck,
     psnr_ssim,
+    query_iou,
     recognised,
 )
 
@@ -41,33 +43,44 @@ def _supports(
 
 
 def foreground_miou(
-    predict: Predict, examples: Sequence[Example], shots: int = 3, threshold: float = 0.25,
-    seed: int = 0,
+    predict: Predict, examples: Sequence[Example], shots: int = 3,
+    threshold: float = FOREGROUND_THRESHOLD, seed: int = 0,
 ) -> dict:  # fmt: skip
-    """Pascal-5i protocol: supports of the query's class; IoU per class; mIoU over classes.
+    """Pascal-5i protocol: supports of the query's class; the output thresholded to a mask.
 
-    Returns the model's figures and two baselines': all black (IoU 0 wherever truth exists) and
-    all foreground (IoU = the objects' share of the image), which any blotchy output can beat
-    black with.
+    Two mIoUs, as the literature uses both: ``query_miou``, the IoU of each query averaged over
+    the queries (Bar et al., Visual Prompting); ``miou``, intersections and unions summed per
+    class, averaged over the classes (OSLSM / HSNet; `FoldIoU`). Each comes with two baselines':
+    all black (IoU 0 wherever truth exists) and all foreground (IoU = the objects' share of the
+    image), which any blotchy output can beat black with.
     """
     by_class: dict[str, list[Example]] = defaultdict(list)
     for example in examples:
         by_class[example.meta.get("class", example.task)].append(example)
     rng = np.random.default_rng(seed)
     model, black, white = FoldIoU(), FoldIoU(), FoldIoU()
+    per_query: dict[str, list[float]] = {"model": [], "black": [], "white": []}
     names = sorted(by_class)
     for class_index, name in enumerate(names):
         group = by_class[name]
         for i, query in enumerate(group):
             output = predict(_supports(group, i, shots, rng), [query.images[0]])[0]
             truth = query.images[1].max(axis=2) > 127  # white, or any instance colour
-            model.add(class_index, foreground_mask(output, threshold), truth)
-            black.add(class_index, np.zeros_like(truth), truth)
-            white.add(class_index, np.ones_like(truth), truth)
+            for kind, fold, mask in (
+                ("model", model, foreground_mask(output, threshold)),
+                ("black", black, np.zeros_like(truth)),
+                ("white", white, np.ones_like(truth)),
+            ):
+                fold.add(class_index, mask, truth)
+                per_query[kind].append(query_iou(mask, truth))
     per_class = {names[c]: v for c, v in model.per_class().items()}
     return {
+        "query_miou": float(np.mean(per_query["model"])),
         "miou": model.miou(),
         "per_class": per_class,
+        "queries": len(per_query["model"]),
+        "baseline_black_query_miou": float(np.mean(per_query["black"])),
+        "baseline_foreground_query_miou": float(np.mean(per_query["white"])),
         "baseline_black_miou": black.miou(),
         "baseline_foreground_miou": white.miou(),
     }
