@@ -1,5 +1,6 @@
 """`delvm serve`: the page end to end in a headless Chromium, and its upload limits."""
 
+import io
 import os
 import shutil
 import socket
@@ -7,11 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from delvm.cli import main
 from delvm.errors import DelvmError
-from delvm.inference.prompting import VisualPrompter
+from delvm.inference.generate import SamplingConfig
+from delvm.inference.prompting import VisualPrompter, make_grid
 from delvm.model.checkpoint import save_model
 from delvm.serve import (
     UPLOAD,
@@ -38,6 +41,18 @@ def prompter():
 
 
 @pytest.fixture(scope="module")
+def prompt_sensitive_prompter():
+    """The tiny model with its matrices scaled x4: at the seeded init its greedy answer is the same
+    whatever the prompt, so a page that answered another prompt would go unnoticed."""
+    tokenizer, model = tiny_tokenizer_and_model()
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.mul_(4.0)
+    return VisualPrompter(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
 def examples():
     return toyworld_examples(32)
 
@@ -59,10 +74,10 @@ def require_browser() -> None:
 
 # gradio's queue trips pandas 3 deprecation warnings; not ours to fix.
 @pytest.mark.filterwarnings("ignore:::gradio.queueing")
-def test_page_generates_from_preloaded_examples(prompter, examples):
+def test_page_generates_from_preloaded_examples(prompt_sensitive_prompter, examples):
     require_browser()
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    limits = UploadLimits()
+    prompter, limits = prompt_sensitive_prompter, UploadLimits()
     app = build_app(prompter, examples, limits)
     port = free_port()
     launch(app, limits, port=port, block=False)
@@ -81,13 +96,22 @@ def test_page_generates_from_preloaded_examples(prompter, examples):
             page.wait_for_function(
                 "() => document.querySelector('#output img').naturalWidth > 0", timeout=60_000
             )
-            size = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-            grid = page.locator("#grid img").evaluate("img => img.naturalWidth")
+            shown = {
+                name: page.request.get(page.locator(f"#{name} img").get_attribute("src")).body()
+                for name in ("output", "grid")
+            }
             browser.close()
     finally:
         app.close()
-    assert chosen == "pose" and size == [32, 32]
-    assert grid == 6 * 32 + 5 * 4  # two pairs (all the tiny context holds), query, output
+    assert chosen == "pose"
+    # What the page shows is the prompter's own greedy answer to the pose task's first two pairs
+    # (all the tiny context holds) and its query, and the grid of those images.
+    task = examples["pose"]
+    expected = prompter(task.pairs[:2], [task.query], SamplingConfig(temperature=0))[0]
+    output = np.asarray(Image.open(io.BytesIO(shown["output"])).convert("RGB"))
+    assert np.array_equal(output, expected)
+    grid = np.asarray(Image.open(io.BytesIO(shown["grid"])).convert("RGB"))
+    assert np.array_equal(grid, make_grid([[*task.pairs[0], *task.pairs[1], task.query, expected]]))
 
 
 def test_oversized_uploads_are_refused(prompter, examples, tmp_path):
