@@ -1,4 +1,5 @@
-"""Training configuration: dataclasses read from a TOML file plus ``section.key=value`` overrides.
+"""Training configuration: dataclasses read from a TOML file plus ``section.key=value`` overrides,
+every value checked against its field's annotation (`typed_settings`).
 
 One config describes pretraining, distillation (``[distill]``), continual stages (``[[stages]]``)
 and fine-tuning (``init_from``). The tokens per optimizer step are derived, not set:
@@ -9,32 +10,25 @@ from __future__ import annotations
 
 import ast
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from delvm.configs import find_config
 from delvm.errors import DelvmError
+from delvm.model.transformer import ModelConfig
 from delvm.train.precision import PRECISIONS
-
-
-def _check_table(name: str, value: Any, example: str) -> None:
-    """A table setting given as a plain value (e.g. a TOML inline table typed on the command line,
-    which overrides do not parse) fails here, before any work starts."""
-    if not isinstance(value, dict):
-        raise DelvmError(
-            f"config {name} = {value!r}: it must be a table; override one key at a time, "
-            f"e.g. {example}"
-        )
 
 
 @dataclass
 class ModelSection:
     preset: str = "tiny"
-    overrides: dict = field(default_factory=dict)  # any ModelConfig field, e.g. {num_layers = 4}
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields: {num_layers = 4}
 
     def __post_init__(self) -> None:
-        _check_table("model.overrides", self.overrides, "model.overrides.num_layers=4")
+        self.overrides = typed_settings(ModelConfig, self.overrides, "config", "model.overrides.")
 
 
 @dataclass
@@ -42,14 +36,13 @@ class DataSection:
     store: str = ""  # token store folder (delvm data build)
     seq_len: int = 2048  # context; k examples per sentence fill it
     balance: str = "augment"  # none | resample | augment (augment: copies are in the store)
-    task_weights: dict = field(default_factory=dict)  # task -> relative weight override
+    task_weights: dict[str, float] = field(default_factory=dict)  # task -> relative weight
     val_fraction: float = 0.05  # held-out share of each task's original examples
     val_sentences: int = 16  # per task, for the validation metrics
     seed: int = 0
     answer_noise: float = 0.0  # noisy teacher forcing (delvm.data.sampler); 0 = off
 
     def __post_init__(self) -> None:
-        _check_table("data.task_weights", self.task_weights, "data.task_weights.pose=2")
         self.sampler_config()  # the sampler's own checks, before any data is read
 
     def sampler_config(self):  # -> delvm.data.sampler.SamplerConfig (imported here: torch)
@@ -86,7 +79,7 @@ class DistillSection:
 class StageSection:
     """One continual-learning stage: train on `tasks` for `steps` optimizer steps."""
 
-    tasks: list = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
     steps: int = 0
 
 
@@ -114,7 +107,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     distill: DistillSection = field(default_factory=DistillSection)
-    stages: list = field(default_factory=list)  # [StageSection]; empty: one stage, all tasks
+    stages: list[StageSection] = field(default_factory=list)  # empty: one stage, all tasks
 
     def __post_init__(self) -> None:
         choices = {"parallel": ("ddp", "fsdp"), "precision": PRECISIONS,
@@ -134,25 +127,92 @@ class TrainConfig:
         return asdict(self)
 
 
-def build_config(cls: type, values: dict, where: str) -> Any:
-    """Instantiate a (nested) dataclass from a dict, naming unknown keys."""
-    known = {f.name: f for f in fields(cls)}
+def build_config(cls: type, values: dict, where: str, key: str = "") -> Any:
+    """The dataclass ``cls`` built from a dict of settings, checked as `typed_settings` does."""
+    return cls(**typed_settings(cls, values, where, key))
+
+
+def typed_settings(cls: type, values: dict, where: str, key: str = "") -> dict:
+    """``values`` for the dataclass ``cls``, each checked against its field's annotation and
+    converted (nested dataclasses built, ints widened to floats, lists made tuples). An unknown
+    key or a value of another type is a DelvmError naming it: ``where`` is the file, ``key`` the
+    table the values sit in (e.g. ``"data."``)."""
+    hints = typing.get_type_hints(cls)
+    known = sorted(f.name for f in fields(cls) if f.init)
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise DelvmError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else None
-        if is_dataclass(default) and isinstance(value, dict):
-            value = build_config(type(default), value, f"{where}.{name}")
-        elif name == "stages":
-            value = [
-                build_config(StageSection, v, f"{where}.stages[{i}]") for i, v in enumerate(value)
-            ]
-        elif name == "betas":
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+        named = [key + name for name in unknown]
+        raise DelvmError(f"{where}: unknown setting(s) {named}; known: {known}")
+    return {name: _typed(hints[name], value, where, key + name) for name, value in values.items()}
+
+
+def _describe(hint: Any) -> str:
+    """A type annotation in a config's words: 'an integer', 'a list of 2 values', ..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("nothing" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} values"
+    if origin in (list, tuple) or hint in (list, tuple):
+        return "a list"
+    if origin is dict or hint is dict or is_dataclass(hint):
+        return "a table"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, "any value")
+
+
+def _typed(hint: Any, value: Any, where: str, key: str) -> Any:
+    """``value`` as the annotated type ``hint``, or a DelvmError naming the key, the value and the
+    type expected. Bools are not integers here: TOML keeps them apart, Python does not."""
+
+    def refuse(fix: str = "") -> NoReturn:
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML spells it
+        raise DelvmError(f"{where}: {key} = {shown} must be {_describe(hint)}{fix}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if is_dataclass(hint):
+        if not isinstance(value, dict):
+            refuse(f"; set one key at a time, e.g. {key}.NAME=VALUE")
+        return build_config(hint, value, where, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed(option, value, where, key)
+            except DelvmError:
+                pass
+        refuse()
+    if hint in (bool, int, float, str):
+        if isinstance(value, bool) != (hint is bool):
+            refuse()
+        if hint is float and isinstance(value, int):
+            return float(value)
+        if not isinstance(value, hint):
+            refuse(" (quote it to mean text)" if hint is str else "")
+        return value
+    if hint in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            refuse()
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                refuse()
+            items = args
+        else:
+            items = (args[0] if args else Any,) * len(value)
+        checked = [
+            _typed(t, v, where, f"{key}[{i}]")
+            for i, (t, v) in enumerate(zip(items, value, strict=True))
+        ]
+        return (origin or hint)(checked)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            refuse(f"; set one key at a time, e.g. {key}.NAME=VALUE")
+        kind = args[1] if args else Any
+        return {name: _typed(kind, v, where, f"{key}.{name}") for name, v in value.items()}
+    raise TypeError(f"{key}: a config field cannot be annotated {hint!r}")  # a programming error
 
 
 def _parse_value(text: str) -> Any:
