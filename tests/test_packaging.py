@@ -39,7 +39,7 @@ def package_data() -> set[str]:
 def wheel(tmp_path_factory) -> Path:
     # Built from a copy, so the build's scratch folders (build/, *.egg-info) stay out of the checkout.
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
     shutil.copytree(PACKAGE, source / "src" / "delvm", ignore=shutil.ignore_patterns("__pycache__"))
     dist = source / "dist"
@@ -49,14 +49,18 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
-def test_wheel_carries_the_configs_and_assets(wheel):
-    names = set(zipfile.ZipFile(wheel).namelist())
+def test_wheel_carries_the_configs_assets_and_license(wheel):
+    archive = zipfile.ZipFile(wheel)
+    names = set(archive.namelist())
     data = package_data()
     assert {"delvm/configs/demo.toml", "delvm/configs/data/toyworld.toml"} <= data
     assert any(name.startswith("delvm/data/assets/") for name in data)
     assert data <= names, sorted(data - names)
-    metadata = zipfile.ZipFile(wheel).read("delvm-0.1.0.dist-info/METADATA").decode()
-    assert "Requires-Dist: torch>=2.6" in metadata.splitlines()
+    license_text = archive.read("delvm-0.1.0.dist-info/licenses/LICENSE").decode()
+    assert license_text == (REPO / "LICENSE").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in license_text
+    metadata = archive.read("delvm-0.1.0.dist-info/METADATA").decode().splitlines()
+    assert {"License-Expression: Apache-2.0", "Requires-Dist: torch>=2.6"} <= set(metadata)
 
 
 def test_installed_wheel_runs_from_an_empty_folder(wheel, tmp_path):
