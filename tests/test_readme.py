@@ -1,10 +1,14 @@
-"""The README's commands work as written.
+"""The README's and the guides' (docs/*.md) commands work as written.
 
-- Every ```bash block, in order, runs in one scratch folder (shipped configs reached by name,
-  the venv's bin on PATH) with `bash -euo pipefail`: the walkthrough from toy world to export.
-- Every `delvm ...` / `torchrun ... -m delvm.cli ...` line of the other blocks (```console,
-  ```text, or a block after `<!-- not run: reason -->`), which need GPUs, real data sets or the
-  published checkpoints, is parsed by delvm's own argument parser, so their flags stay right.
+- The ```bash blocks of docs/walkthrough.md, in order, run in one scratch folder with
+  `bash -euo pipefail` (shipped configs reached by name, the venv's bin on PATH); then every
+  ```python block of the README and the guides runs in that folder, exactly as written.
+- Every `delvm ...` / `torchrun ... -m delvm.cli ...` line of every other block (```console,
+  ```text), which need GPUs, real data sets or the published checkpoints, is parsed by delvm's own
+  argument parser, so their flags stay right; ```toml blocks are read by tomllib.
+- Relative links point at files and headings that exist; the README stays short, names every
+  command, and no user document carries development history (commit ids, dates).
+docs/results.md is generated (`delvm results`) and left to its own test.
 """
 
 from __future__ import annotations
@@ -15,18 +19,24 @@ import shlex
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from delvm.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+WALKTHROUGH = ROOT / "docs" / "walkthrough.md"
+GENERATED = {ROOT / "docs" / "results.md"}
+DOCUMENTS = [README] + sorted(p for p in (ROOT / "docs").glob("*.md") if p not in GENERATED)
 FENCE = re.compile(r"^```(\w*)\s*$")
-NOT_RUN = re.compile(r"<!--\s*not run\b")
+LANGUAGES = {"bash", "console", "text", "python", "toml", "bibtex", ""}
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
-# What the walkthrough leaves behind, relative to its folder.
+# What the walkthrough and the Python blocks leave behind, relative to their folder.
 EXPECTED = [
     "world/toyworld.json",
     "world/pose/keypoints.json",
@@ -50,26 +60,22 @@ EXPECTED = [
 ]
 
 
-def readme_blocks() -> list[tuple[str, bool, int, str]]:
-    """(language, runnable, first line number, text) of every fenced block, in order."""
-    blocks, lines = [], README.read_text().splitlines()
-    i, skip_next = 0, False
+def blocks(path: Path) -> list[tuple[str, int, str]]:
+    """(language, first line number, text) of every fenced block of a document, in order."""
+    found, lines = [], path.read_text().splitlines()
+    i = 0
     while i < len(lines):
         match = FENCE.match(lines[i])
         if not match:
-            if NOT_RUN.search(lines[i]):
-                skip_next = True
             i += 1
             continue
         language, start = match.group(1), i + 1
         i += 1
         while i < len(lines) and not lines[i].startswith("```"):
             i += 1
-        blocks.append((language, language == "bash" and not skip_next, start + 1,
-                       "\n".join(lines[start:i]) + "\n"))  # fmt: skip
-        skip_next = False
+        found.append((language, start + 1, "\n".join(lines[start:i]) + "\n"))
         i += 1
-    return blocks
+    return found
 
 
 def command_lines(text: str) -> list[list[str]]:
@@ -98,35 +104,100 @@ def delvm_arguments(words: list[str]) -> list[str] | None:
     return None
 
 
-def test_readme_has_a_walkthrough_and_the_results_placeholder():
-    blocks = readme_blocks()
-    runnable = [text for _language, run, _line, text in blocks if run]
-    assert len(runnable) >= 8
-    assert "<!-- results: filled by the maintainers -->" in README.read_text()
-    # No command names a block language the test would silently skip.
-    assert {language for language, *_ in blocks} <= {"bash", "console", "text", ""}
+def slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+    return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_readme_is_short_and_names_every_command():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    missing = [verb for verb in verbs if f"`delvm {verb}" not in text]
+    assert not missing, f"the README's command map lacks {missing}"
+
+
+def test_only_the_walkthrough_runs_and_every_block_is_checked():
+    for path in DOCUMENTS:
+        for language, line, _text in blocks(path):
+            where = f"{path.relative_to(ROOT)}:{line}"
+            # A language the tests do not know would be skipped silently.
+            assert language in LANGUAGES, f"{where}: block language {language!r}"
+            # Runnable blocks live in one walkthrough; elsewhere commands are `console`.
+            assert language != "bash" or path == WALKTHROUGH, f"{where}: bash outside walkthrough"
+    assert sum(language == "bash" for language, *_ in blocks(WALKTHROUGH)) >= 8
 
 
 def test_every_delvm_command_line_parses():
     parser = build_parser()
     checked = 0
-    for _language, _run, line, text in readme_blocks():
-        # The heredoc body of a bash block is a file, not commands.
-        text = re.sub(r"<<'EOF'\n.*?\nEOF\n", "\n", text, flags=re.S)
-        for words in command_lines(text):
-            arguments = delvm_arguments(words)
-            if arguments is None:
+    for path in DOCUMENTS:
+        for language, line, text in blocks(path):
+            if language not in ("bash", "console", "text", ""):
                 continue
-            try:
-                parser.parse_args(arguments)
-            except SystemExit:
-                pytest.fail(f"README block at line {line}: delvm rejects {shlex.join(words)}")
-            checked += 1
-    assert checked >= 30
+            # The heredoc body of a bash block is a file, not commands.
+            text = re.sub(r"<<'EOF'\n.*?\nEOF\n", "\n", text, flags=re.S)
+            for words in command_lines(text):
+                arguments = delvm_arguments(words)
+                if arguments is None:
+                    continue
+                try:
+                    parser.parse_args(arguments)
+                except SystemExit:
+                    pytest.fail(f"{path.relative_to(ROOT)}:{line}: delvm rejects "
+                                f"{shlex.join(words)}")  # fmt: skip
+                checked += 1
+    assert checked >= 40
+
+
+def test_toml_blocks_are_toml():
+    checked = 0
+    for path in DOCUMENTS:
+        for language, line, text in blocks(path):
+            if language == "toml":
+                try:
+                    tomllib.loads(text)
+                except tomllib.TOMLDecodeError as err:
+                    pytest.fail(f"{path.relative_to(ROOT)}:{line}: {err}")
+                checked += 1
+    assert checked >= 4
+
+
+def test_relative_links_reach_files_and_headings():
+    for path in DOCUMENTS:
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+        for target in LINK.findall(text):
+            if "://" in target:
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            where = f"{path.relative_to(ROOT)}: link {target}"
+            assert linked.exists(), f"{where}: no such file"
+            if anchor:
+                assert anchor in anchors(linked), f"{where}: no such heading"
+
+
+def test_no_development_history_in_user_documents():
+    for path in DOCUMENTS:
+        text = path.read_text()
+        where = path.relative_to(ROOT)
+        # Commit ids: 7+ hex digits with at least one letter and one digit.
+        ids = [w for w in re.findall(r"\b[0-9a-f]{7,40}\b", text)
+               if re.search(r"[a-f]", w) and re.search(r"\d", w)]  # fmt: skip
+        assert not ids, f"{where}: commit ids {ids}"
+        dates = re.findall(r"\b20\d\d-\d\d-\d\d\b", text)
+        assert not dates, f"{where}: dates {dates}; measured results belong on docs/results.md"
+        for phrase in ("this session", "earlier session", "probe"):
+            assert phrase not in text.lower(), f"{where}: {phrase!r}"
 
 
 @pytest.mark.slow
-def test_readme_walkthrough_runs(tmp_path: Path):
+def test_walkthrough_and_python_blocks_run(tmp_path: Path, monkeypatch):
     work = tmp_path / "scratch"
     work.mkdir()
     env = dict(os.environ)
@@ -134,8 +205,8 @@ def test_readme_walkthrough_runs(tmp_path: Path):
     env["OMP_NUM_THREADS"] = "1"
     env.pop("CUDA_VISIBLE_DEVICES", None)
     timings = []
-    for _language, run, line, text in readme_blocks():
-        if not run:
+    for language, line, text in blocks(WALKTHROUGH):
+        if language != "bash":
             continue
         start = time.perf_counter()
         result = subprocess.run(
@@ -144,9 +215,23 @@ def test_readme_walkthrough_runs(tmp_path: Path):
         )  # fmt: skip
         timings.append((line, time.perf_counter() - start))
         assert result.returncode == 0, (
-            f"README bash block at line {line} failed ({result.returncode}):\n{text}\n"
+            f"walkthrough bash block at line {line} failed ({result.returncode}):\n{text}\n"
             f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
         )
     missing = [name for name in EXPECTED if not (work / name).exists()]
     assert not missing, f"the walkthrough did not write {missing}"
-    print("README blocks (line, seconds):", [(line, round(s, 1)) for line, s in timings])
+    print("walkthrough blocks (line, seconds):", [(line, round(s, 1)) for line, s in timings])
+
+    # The Python blocks, exactly as written, in the walkthrough's folder.
+    monkeypatch.chdir(work)
+    ran = 0
+    for path in DOCUMENTS:
+        for language, line, text in blocks(path):
+            if language == "python":
+                namespace: dict = {}
+                exec(compile(text, f"{path.name}:{line}", "exec"), namespace)
+                ran += 1
+                if path == README:  # the quickstart: one answer image for one query
+                    (answer,) = namespace["answers"]
+                    assert answer.dtype == np.uint8 and answer.shape == (64, 64, 3)
+    assert ran >= 2
