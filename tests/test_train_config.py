@@ -91,6 +91,11 @@ def test_classify_and_demo_configs_are_checked_too(tmp_path):
     )
     with pytest.raises(DelvmError, match=r"scores\.queries = 2\.5 must be an integer"):
         load_demo_config("demo", ["scores.queries=2.5"])
+    # The stages' own sections are tables of ToyWorldConfig, TokenizerTrainConfig, ... fields.
+    with pytest.raises(DelvmError, match=r"^demo: world\.segmentation = 'ten' must be an integer"):
+        load_demo_config("demo", ["world.segmentation=ten"])
+    with pytest.raises(DelvmError, match=r"^demo: tokenizer\.hflip = 1 must be true or false"):
+        load_demo_config("demo", ["tokenizer.hflip=1"])
     with pytest.raises(DelvmError, match=r"steps = 'ten' must be an integer"):
         load_demo_config("demo", ["train.steps=ten"])
 

@@ -62,7 +62,7 @@ def load_demo_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:
     from delvm.data.store import BuildConfig
     from delvm.data.toyworld import ToyWorldConfig
     from delvm.tokenizer.train import TokenizerTrainConfig
-    from delvm.train.config import load_config
+    from delvm.train.config import load_config, typed_settings
 
     config = load_config(path, list(overrides), schema=DemoConfig)
 
@@ -82,6 +82,8 @@ def load_demo_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:
                 f"{path}: [{section}] unknown setting(s) {sorted(given - known)}; known: "
                 f"{sorted(known - reserved)}"
             )
+        if schema:  # each value of the right type for its stage's config
+            typed_settings(schema, getattr(config, section), str(path), f"{section}.")
     Demo(config).train_config()  # the training section's own checks, before any stage runs
     return config
 
