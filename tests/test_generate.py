@@ -106,3 +106,56 @@ def test_bad_generation_arguments(model):
         generate(model, torch.full((1, 4), model.config.vocab_size), 2)
     with pytest.raises(DelvmError, match="top_p"):
         SamplingConfig(top_p=1.5)
+
+
+def test_shared_prefix_is_prefilled_once_and_changes_no_output(model, monkeypatch):
+    from delvm.inference import generate as generate_module
+
+    context = torch.randint(0, model.config.vocab_size, (1, 60))
+    queries = torch.randint(0, model.config.vocab_size, (4, 12))
+    queries[:, 0] = queries[0, 0]  # the rows share one more code than the context
+    prompt = torch.cat([context.expand(4, -1), queries], dim=1)
+    assert generate_module.shared_prefix_length(prompt) == 61
+    prefilled = []
+    hidden_states = VisualLM.hidden_states
+
+    def counting(self, x, *args, **kwargs):
+        prefilled.append(tuple(x.shape[:2]))
+        return hidden_states(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(VisualLM, "hidden_states", counting)
+    generator = Generator(model)
+    outputs = {}
+    for sampling in (SamplingConfig(temperature=0), SamplingConfig(temperature=1.0, seed=3)):
+        prefilled.clear()
+        outputs[sampling.temperature] = generator(prompt, 20, sampling)
+        assert prefilled[:2] == [(1, 61), (4, 11)]  # the prefix once, then each row's rest
+        prefilled.clear()
+        whole = generator(prompt, 20, sampling, share_prefix=False)
+        assert prefilled[0] == (4, 72)
+        assert torch.equal(outputs[sampling.temperature], whole)
+    # One row runs as one prefill.
+    prefilled.clear()
+    single = generator(prompt[:1], 20)
+    assert prefilled[0] == (1, 72)
+    assert torch.equal(single, outputs[0][:1])
+
+
+def test_prefill_keeps_the_last_positions_logits(model):
+    from delvm.inference.generate import prefill
+
+    ids = torch.randint(0, model.config.vocab_size, (3, 40))
+    ids[:, :25] = ids[0, :25]
+    ids[:, 30] = ids[0, 30]  # a later match is not part of the shared prefix
+    with torch.no_grad():
+        full = model(ids)
+        cache, last = prefill(model, ids, 48, keep=10)
+        assert (last - full[:, -10:]).abs().max() < 1e-5
+        # Rows that are all equal still keep `keep` positions of their own.
+        same = ids[:1].expand(3, -1)
+        _, last = prefill(model, same, 40, keep=40)
+        assert (last - model(same)).abs().max() < 1e-5
+        # The cache continues as a whole-row prefill's would.
+        step = model(ids[:, :1], cache=cache, start=40)
+        reference = model(torch.cat([ids, ids[:, :1]], dim=1))[:, -1:]
+        assert (step - reference).abs().max() < 1e-5

@@ -3,6 +3,17 @@
 Visual prompting calls this to produce an answer image: e.g. 256 new tokens after a 1792-token
 prompt (three example pairs and a query). Every code is a valid token, so generation never stops
 early; it always produces exactly ``max_new_tokens``.
+
+Many queries under the same example pairs share those pairs' tokens: `prefill` runs the prefix
+that every row of a batch shares once, at batch 1, and copies its keys and values to every row,
+so only the queries are prefilled per row.
+
+A smaller model with the same codes may draft tokens for the model (speculative decoding,
+Leviathan et al. 2023 / Chen et al. 2023): the draft proposes k codes one at a time, the model
+reads them all in one pass, and `accept_drafts` keeps the longest run it agrees with plus one
+code of its own. Greedy output is the model's own greedy output; sampled output follows the
+model's own distribution. Decoding is bound by reading the weights, so the model's one pass over
+k + 1 codes costs about what one step costs, and every accepted draft saves a step.
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import torch
 from torch import Tensor
 
 from delvm.errors import DelvmError
-from delvm.model.transformer import VisualLM
+from delvm.model.transformer import KVCache, VisualLM
 
 
 @dataclass
@@ -37,9 +48,9 @@ class SamplingConfig:
 
 
 def _filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
-    """Set logits outside the top-k / nucleus (top-p) sets to -inf. logits: [B, V]."""
+    """Set logits outside the top-k / nucleus (top-p) sets to -inf. logits: [..., V]."""
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -51,15 +62,110 @@ def _filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Te
     return logits
 
 
+def probabilities(logits: Tensor, sampling: SamplingConfig) -> Tensor:
+    """The distribution a sampled code is drawn from: logits [..., V] -> probabilities (fp32)."""
+    logits = _filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)
+    return logits.softmax(-1)
+
+
 def next_token(
     logits: Tensor, sampling: SamplingConfig, generator: torch.Generator | None
 ) -> Tensor:
     """Choose one code per row from last-position logits [B, V] -> [B]."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    logits = _filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)
-    probs = logits.softmax(-1)
+    return _draw(probabilities(logits, sampling), generator)
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def accept_drafts(
+    target: Tensor,
+    draft: Tensor,
+    drafted: Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[int, Tensor]:
+    """Speculative decoding's rule: which drafted codes to keep, and the code that follows them.
+
+    ``drafted`` [B, k] are the draft's codes, ``draft`` [B, k, V] the draft's logits they were
+    chosen from, ``target`` [B, k + 1, V] the model's logits after each of them (and before the
+    first). Greedy: a drafted code is kept while it is the model's argmax, and the model's argmax
+    follows. Sampled: code i is kept with probability min(1, p_i / q_i); after the first one
+    rejected, a code is drawn from max(0, p - q) renormalised; after k kept, one is drawn from
+    p_{k+1}. Each kept or drawn code is then distributed as the model's own next code.
+
+    All rows of a batch advance together: returns n, the drafted codes every row keeps (the
+    fewest any row keeps), and each row's code at position n [B]: its drafted code where that
+    row kept it too (a valid draw, as its own acceptance test passed), else its own draw.
+    """
+    k = drafted.shape[1]
+    if sampling.temperature == 0:
+        best = target.argmax(-1)
+        kept = best[:, :k] == drafted
+        n = int(kept.int().cumprod(1).sum(1).min())
+        return n, best[:, n]
+    p, q = probabilities(target, sampling), probabilities(draft, sampling)
+    p_drafted = p[:, :k].gather(-1, drafted[..., None]).squeeze(-1)
+    q_drafted = q.gather(-1, drafted[..., None]).squeeze(-1)  # > 0: the draft drew these codes
+    uniform = torch.rand(p_drafted.shape, generator=generator, device=p.device)
+    kept = uniform * q_drafted < p_drafted
+    n = int(kept.int().cumprod(1).sum(1).min())
+    if n == k:
+        return n, _draw(p[:, k], generator)
+    residual = (p[:, n] - q[:, n]).clamp(min=0)
+    # Rows that kept code n may have p == q there, an all-zero residual they never use.
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, n])
+    return n, torch.where(kept[:, n], drafted[:, n], _draw(residual, generator))
+
+
+def shared_prefix_length(ids: Tensor) -> int:
+    """How many leading ids all rows of ``ids`` [B, T] have in common."""
+    same = (ids == ids[:1]).all(0)
+    return int(same.int().cumprod(0).sum())
+
+
+def prefill(
+    model: VisualLM, ids: Tensor, cache_len: int, keep: int = 1, share_prefix: bool = True
+) -> tuple[KVCache, Tensor]:
+    """Run ``ids`` [B, T] into a new KV cache of ``cache_len`` positions; return the cache and
+    the logits of the last ``keep`` positions [B, keep, V].
+
+    With ``share_prefix`` (and B > 1) the leading ids all rows share, up to the last ``keep``,
+    run once at batch 1 and their keys and values are copied into every row. The result equals
+    running every row whole, to float rounding (the matmuls see other shapes).
+    """
+    batch, length = ids.shape
+    shared = min(shared_prefix_length(ids), length - keep) if share_prefix and batch > 1 else 0
+    cache = model.new_cache(batch, cache_len)
+    if shared > 0:
+        prefix = model.new_cache(1, shared)
+        model.hidden_states(model.embed(ids[:1, :shared]), prefix)
+        cache.keys[:, :, :, :shared] = prefix.keys  # broadcast over the batch
+        cache.values[:, :, :, :shared] = prefix.values
+    hidden = model.hidden_states(model.embed(ids[:, shared:]), cache, start=shared)
+    return cache, model.head(hidden[:, -keep:])
+
+
+def _decode_copy(model: VisualLM, dtype: torch.dtype | None) -> VisualLM:
+    if dtype is None or dtype == model.head.weight.dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+@dataclass
+class DraftStats:
+    """What speculative decoding did over a generator's calls (per row: rows advance together)."""
+
+    passes: int = 0  # the model's forward passes after the prefill
+    drafted: int = 0  # codes the draft proposed
+    accepted: int = 0  # of those, codes kept
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(self.drafted, 1)
 
 
 class Generator:
@@ -70,22 +176,44 @@ class Generator:
     prefilled by the model as given (large fp32 matmuls are much faster than bf16 ones on CPUs
     without bf16 units), and the KV cache stays in the model's dtype. With ``decode_dtype=None``
     every step runs in the model's own precision (what the parity tests check).
+
+    With a ``draft`` model (same codes, e.g. the distilled student), it drafts ``draft_tokens``
+    codes per pass of the model (speculative decoding); ``stats`` counts how many were kept.
     """
 
-    def __init__(self, model: VisualLM, decode_dtype: torch.dtype | None = None):
-        self.model = model
-        self.decoder = model
-        if decode_dtype is not None and decode_dtype != model.head.weight.dtype:
-            self.decoder = copy.deepcopy(model).to(decode_dtype)
+    def __init__(
+        self,
+        model: VisualLM,
+        decode_dtype: torch.dtype | None = None,
+        draft: VisualLM | None = None,
+        draft_tokens: int = 4,
+    ):
+        self.model, self.draft, self.draft_tokens = model, draft, draft_tokens
+        self.decoder = _decode_copy(model, decode_dtype)
+        self.stats = DraftStats()
+        if draft is not None:
+            if draft.config.codes != model.config.codes:
+                raise DelvmError(
+                    f"the draft model predicts {draft.config.codes} codes but the model "
+                    f"{model.config.codes}; a draft must use the model's tokenizer"
+                )
+            if draft_tokens < 1:
+                raise DelvmError(f"draft_tokens must be >= 1, got {draft_tokens}")
+            self.draft_decoder = _decode_copy(draft, decode_dtype)
 
     @torch.inference_mode()
     def __call__(
-        self, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        share_prefix: bool = True,
     ) -> Tensor:
         """Continue each prompt row [B, T] by exactly ``max_new_tokens`` codes; returns [B, N].
 
         All prompts in a batch have the same length (visual prompts are whole images). Sampled
         ids lie in ``0..codes-1``: logits of ids past the codebook (LVM's spare 100) are dropped.
+        The prefix all rows share is prefilled once (`prefill`) unless ``share_prefix=False``.
         """
         model, sampling = self.model, sampling or SamplingConfig()
         if prompt.dim() != 2 or prompt.shape[1] == 0:
@@ -99,25 +227,78 @@ class Generator:
             raise DelvmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         batch, length = prompt.shape
         total = length + max_new_tokens
-        if total > model.config.max_seq_len:
-            raise DelvmError(
-                f"prompt ({length}) + new tokens ({max_new_tokens}) exceed the model's "
-                f"max_seq_len {model.config.max_seq_len}"
-            )
+        for name, checked in (("model", model), ("draft model", self.draft)):
+            if checked is not None and total > checked.config.max_seq_len:
+                raise DelvmError(
+                    f"prompt ({length}) + new tokens ({max_new_tokens}) exceed the {name}'s "
+                    f"max_seq_len {checked.config.max_seq_len}"
+                )
         device = model.head.weight.device
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
 
-        cache = model.new_cache(batch, total)
+        prompt = prompt.to(device)
+        cache, logits = prefill(model, prompt, total, share_prefix=share_prefix)
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
-        logits = model(prompt.to(device), cache=cache, start=0, last_only=True)
+        if self.draft is not None:
+            out[:, 0] = next_token(logits[:, -1, :codes], sampling, generator)
+            draft_cache, _ = prefill(self.draft, prompt, total, share_prefix=share_prefix)
+            self._speculate(out, length, cache, draft_cache, sampling, generator)
+            return out
         for step in range(max_new_tokens):
             token = next_token(logits[:, -1, :codes], sampling, generator)
             out[:, step] = token
             if step + 1 < max_new_tokens:
                 logits = self.decoder(token[:, None], cache=cache, start=length + step)
         return out
+
+    def _speculate(
+        self,
+        out: Tensor,
+        length: int,
+        cache: KVCache,
+        draft_cache: KVCache,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> None:
+        """Fill ``out`` [B, N] after its first code by drafting and verifying.
+
+        Code j of ``out`` sits at position length + j. Both caches hold the prompt; the newest
+        code is in neither. Stale entries past a rejected draft are overwritten before any
+        position reads them (a cache returns only the positions written so far).
+        """
+        codes, wanted = self.model.config.codes, out.shape[1]
+        done, draft_end = 1, length  # codes in out; positions the draft's cache holds
+        while done < wanted:
+            k = min(self.draft_tokens, wanted - done - 1)
+            newest = length + done - 1
+            # The draft reads what it has not read yet (one code, or two after a pass that kept
+            # every draft) and proposes k codes, one per step.
+            pending = out[:, draft_end - length : done]
+            drafted, draft_logits = [], []
+            for _ in range(k):
+                logits = self.draft_decoder(pending, cache=draft_cache, start=draft_end)
+                draft_end += pending.shape[1]
+                draft_logits.append(logits[:, -1, :codes])
+                pending = next_token(draft_logits[-1], sampling, generator)[:, None]
+                drafted.append(pending)
+            drafted = torch.cat([out[:, done - 1 : done], *drafted], dim=1)
+            target_logits = self.decoder(drafted, cache=cache, start=newest)[..., :codes]
+            n, following = accept_drafts(
+                target_logits,
+                torch.stack(draft_logits, 1) if k else target_logits[:, :0],
+                drafted[:, 1:],
+                sampling,
+                generator,
+            )
+            out[:, done : done + n] = drafted[:, 1 : n + 1]
+            out[:, done + n] = following
+            done += n + 1
+            draft_end = min(draft_end, newest + n + 1)  # the draft's codes that were kept
+            self.stats.passes += 1
+            self.stats.drafted += k
+            self.stats.accepted += n
 
 
 def generate(

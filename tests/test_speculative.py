@@ -1,0 +1,132 @@
+"""Speculative decoding: greedy output is the model's own, sampled output follows its distribution."""
+
+import copy
+
+import pytest
+import torch
+
+from delvm.errors import DelvmError
+from delvm.inference.generate import Generator, SamplingConfig, accept_drafts, probabilities
+from delvm.model.transformer import VisualLM, preset
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+def tiny_model(seed: int, block: str = "llama", vocab: int = 512, scale: float = 20.0) -> VisualLM:
+    torch.manual_seed(seed)
+    name = "tiny" if block == "llama" else "tiny-vit"
+    model = VisualLM(preset(name, vocab_size=vocab)).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(scale)  # peaked distributions: no argmax decided by rounding
+    return model
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model(0)
+
+
+def drafts(target: VisualLM) -> dict[str, VisualLM]:
+    """Drafts from useless to perfect: every kind of pass (none kept, some, all) occurs."""
+    wrong = copy.deepcopy(target)
+    with torch.no_grad():
+        wrong.head.weight.neg_()  # its first guess is the target's least likely code
+    noisy = copy.deepcopy(target)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.3 * p.std() * torch.randn_like(p))
+    return {"itself": target, "wrong": wrong, "noisy": noisy, "random": tiny_model(1, "vit")}
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3, 8])
+def test_greedy_output_is_the_models_own(target, draft_tokens):
+    prompt = torch.randint(0, target.config.vocab_size, (3, 30))
+    reference = Generator(target)(prompt, 41, GREEDY)
+    kept = {}
+    for name, draft in drafts(target).items():
+        generator = Generator(target, draft=draft, draft_tokens=draft_tokens)
+        assert torch.equal(generator(prompt, 41, GREEDY), reference), name
+        for row in range(3):  # batched rows advance together; alone, each keeps its own run
+            assert torch.equal(
+                generator(prompt[row : row + 1], 41, GREEDY), reference[row : row + 1]
+            )
+        kept[name] = generator.stats.acceptance
+    assert kept["itself"] == 1.0 and kept["wrong"] == 0.0
+    assert 0.0 < kept["noisy"] < 1.0
+
+
+def test_draft_must_share_the_codes_and_fit(target):
+    with pytest.raises(DelvmError, match="draft model predicts 64 codes"):
+        Generator(target, draft=tiny_model(1, vocab=64))
+    with pytest.raises(DelvmError, match="draft_tokens"):
+        Generator(target, draft=target, draft_tokens=0)
+    short = VisualLM(preset("tiny", max_seq_len=32))
+    with pytest.raises(DelvmError, match="draft model's max_seq_len 32"):
+        Generator(target, draft=short)(torch.zeros(1, 30, dtype=torch.long), 5)
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test of counts against probabilities (bins expected below 5 are pooled)."""
+    expected = probs.double() * counts.sum()
+    small = expected < 5
+    counts = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    if expected[-1] == 0:
+        counts, expected = counts[:-1], expected[:-1]
+    statistic = ((counts - expected) ** 2 / expected).sum()
+    dof = torch.tensor(len(counts) - 1.0, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof / 2, statistic / 2))
+
+
+def test_accept_rule_draws_from_the_target_distribution():
+    """Fixed target and draft distributions over 5 codes, 3 drafts: position 1's code (the first
+    kept or the resampled one) follows p_1, and position 2's, where position 1's draft was kept,
+    follows p_2 — whatever the draft proposes."""
+    torch.manual_seed(0)
+    sampling = SamplingConfig(temperature=1.0)
+    target = torch.randn(1, 4, 5) * 2
+    draft = torch.randn(1, 3, 5) * 2
+    p, q = probabilities(target, sampling)[0], probabilities(draft, sampling)[0]
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.zeros(5), torch.zeros(5)
+    for _ in range(6000):
+        drafted = torch.multinomial(q, 1, generator=generator).T  # [1, 3]
+        n, following = accept_drafts(target, draft, drafted, sampling, generator)
+        codes = torch.cat([drafted[0, :n], following])
+        first[codes[0]] += 1
+        if n >= 1:
+            second[codes[1]] += 1
+    assert second.sum() > 1000  # enough passes kept position 1's draft to test position 2
+    assert chi_square_p_value(first, p[0]) > 1e-3
+    assert chi_square_p_value(second, p[1]) > 1e-3
+    # The test can tell: the draft's own distribution is rejected.
+    assert chi_square_p_value(first, q[0]) < 1e-6
+
+
+@pytest.mark.parametrize("draft_name", ["itself", "random"])
+def test_sampled_codes_follow_the_target_distribution(draft_name):
+    """A model over 6 codes continues one prompt 4000 times at once; the 2nd and 3rd codes (the
+    first comes from the prefill) are tested against the exact probabilities, computed by
+    running the target on every possible sequence."""
+    target = tiny_model(2, vocab=6, scale=3.0)
+    draft = target if draft_name == "itself" else tiny_model(3, "vit", vocab=6, scale=3.0)
+    sampling = SamplingConfig(temperature=1.0, seed=4)
+    prompt = torch.randint(0, 6, (1, 10)).expand(4000, -1)
+    generator = Generator(target, draft=draft, draft_tokens=2)
+    out = generator(prompt, 3, sampling)
+    with torch.no_grad():
+        p1 = target(prompt[:1])[0, -1].softmax(-1)  # [6]
+        firsts = torch.cat([prompt[:6], torch.arange(6)[:, None]], dim=1)
+        p2 = target(firsts)[:, -1].softmax(-1)  # [x1, x2]
+        seconds = torch.cat([firsts.repeat_interleave(6, 0), torch.arange(6).repeat(6)[:, None]], 1)
+        p3 = target(seconds)[:, -1].softmax(-1).view(6, 6, 6)  # [x1, x2, x3]
+    joint12 = p1[:, None] * p2
+    marginal3 = (joint12[..., None] * p3).sum((0, 1))
+    counts12 = torch.bincount(out[:, 0] * 6 + out[:, 1], minlength=36).float()
+    counts3 = torch.bincount(out[:, 2], minlength=6).float()
+    assert chi_square_p_value(counts12, joint12.flatten()) > 1e-3
+    assert chi_square_p_value(counts3, marginal3) > 1e-3
+    if draft_name == "itself":  # codes 2 and 3 from one pass: a kept draft, then p_{k+1}
+        assert generator.stats.passes == 1 and generator.stats.accepted == 1
+    else:  # code 2 drawn after a rejection, code 3 in a second pass
+        assert generator.stats.passes == 2 and generator.stats.accepted == 0
