@@ -4,7 +4,7 @@
 
 The tokenizer step (cpu-64-f8-1024, batch 16 of 32 px crops) and the LVM step (2 layers x 192,
 8 x 256 tokens), each through its real trainer, alternating fp32 and bf16 so machine noise hits
-both alike. bf16 pays on CPUs with AMX tiles; elsewhere it is emulated and slower than fp32.
+both alike. Without bf16 matmul units (AMX, AVX512-BF16) bf16 is emulated and slower than fp32.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from PIL import Image
 from timing import best_seconds
 from train_throughput import RandomSentences
 
+from delvm.devices import native_bf16_units
 from delvm.tokenizer.train import TokenizerTrainer, recipe
 from delvm.train.config import load_config
 from delvm.train.distributed import World
-from delvm.train.precision import cpu_has_amx
 from delvm.train.trainer import Trainer
 
 WORLD = World(rank=0, size=1, device=torch.device("cpu"))
@@ -66,7 +66,8 @@ def main() -> None:
                 for p, step in steps.items():
                     best[p] = min(best[p], best_seconds(step, 1, WORLD.device))
             rows.append((name, best["fp32"], best["bf16"]))
-    print(f"CPU, {torch.get_num_threads()} threads, AMX tiles: {cpu_has_amx()}")
+    units = ", ".join(native_bf16_units()) or "none"
+    print(f"CPU, {torch.get_num_threads()} threads, bf16 matmul units: {units}")
     print(f"{'step':<16} | {'fp32 ms':>8} | {'bf16 ms':>8} | bf16 speed-up")
     for name, fp32, bf16 in rows:
         print(f"{name:<16} | {fp32 * 1e3:>8.1f} | {bf16 * 1e3:>8.1f} | {fp32 / bf16:.2f}x")

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from delvm.devices import add_device_argument, add_dtype_argument, inference_dtype, resolve_device
 from delvm.errors import DelvmError
 from delvm.tokenizer.folders import Shard, decode_tokens, encode_folder, reconstruct_folder
-from delvm.tokenizer.vqgan import load_tokenizer
+from delvm.tokenizer.vqgan import VQGAN, load_tokenizer
 
 _TRAIN_HELP = {
     "data": "folder of training images (required)",
@@ -30,14 +30,6 @@ _TRAIN_HELP = {
     "restart_every": "re-seed codes unused for this many steps (0: never)",
     "val_images": "held-out images for PSNR and codebook usage",
 }
-
-
-def device_for(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def _literal(text: str):
@@ -99,8 +91,15 @@ def _inference_args(p: argparse.ArgumentParser, source: str) -> None:
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on GPUs)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:1, ...")
+    add_dtype_argument(p, ("auto", "fp32", "bf16"))  # bf16: autocast; weights stay fp32
+    add_device_argument(p)
+
+
+def _open_tokenizer(args: argparse.Namespace) -> tuple[VQGAN, bool]:
+    """The tokenizer on ``--device``, and whether ``--dtype`` asks for bf16 autocast."""
+    device = resolve_device(args.device)
+    bf16 = inference_dtype(args.dtype, device) == torch.bfloat16
+    return load_tokenizer(args.tokenizer, device), bf16
 
 
 def _print_skipped(skipped: list[dict]) -> None:
@@ -110,8 +109,8 @@ def _print_skipped(skipped: list[dict]) -> None:
 
 def _encode(args: argparse.Namespace) -> None:
     shard = Shard.from_env()
-    model = load_tokenizer(args.tokenizer, device_for(args.device))
-    m = encode_folder(model, args.source, args.out, args.batch_size, args.workers, shard, args.bf16)
+    model, bf16 = _open_tokenizer(args)
+    m = encode_folder(model, args.source, args.out, args.batch_size, args.workers, shard, bf16)
     print(
         f"rank {shard.rank}/{shard.world_size}: {len(m['files'])} images -> "
         f"{args.out / m['tokens_file']} ({len(m['skipped'])} skipped)"
@@ -121,17 +120,15 @@ def _encode(args: argparse.Namespace) -> None:
 
 def _decode(args: argparse.Namespace) -> None:
     shard = Shard.from_env()
-    model = load_tokenizer(args.tokenizer, device_for(args.device))
-    count = decode_tokens(model, args.source, args.out, args.batch_size, shard, args.bf16)
+    model, bf16 = _open_tokenizer(args)
+    count = decode_tokens(model, args.source, args.out, args.batch_size, shard, bf16)
     print(f"rank {shard.rank}/{shard.world_size}: {count} images -> {args.out}")
 
 
 def _reconstruct(args: argparse.Namespace) -> None:
     shard = Shard.from_env()
-    model = load_tokenizer(args.tokenizer, device_for(args.device))
-    r = reconstruct_folder(
-        model, args.source, args.out, args.batch_size, args.workers, shard, args.bf16
-    )
+    model, bf16 = _open_tokenizer(args)
+    r = reconstruct_folder(model, args.source, args.out, args.batch_size, args.workers, shard, bf16)
     psnr = "n/a" if r["mean_psnr"] is None else f"{r['mean_psnr']:.2f} dB"
     print(
         f"rank {shard.rank}/{shard.world_size}: {r['images']} images -> {args.out}, mean PSNR "
