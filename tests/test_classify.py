@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torchmetrics.functional.classification import multiclass_accuracy
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from delvm.classify.data import EvalSamples, ImageFolder, TrainSamples, to_pixels
+from delvm.classify.data import EvalSamples, ImageFolder, PixelAugment, TrainSamples, to_pixels
 from delvm.classify.evaluate import evaluate, topk_correct
 from delvm.classify.model import (
     ClassifierConfig,
@@ -28,6 +28,8 @@ from delvm.classify.train import (
     ClassifierTrainer,
     ClassifyConfig,
     RecipeSection,
+    cutmix,
+    mix_batch,
     mixup,
     param_groups,
     soft_cross_entropy,
@@ -37,7 +39,7 @@ from delvm.cli import main
 from delvm.data.augment import AugmentConfig
 from delvm.errors import DelvmError
 from delvm.model.checkpoint import load_model, save_model
-from delvm.model.transformer import VisualLM, preset
+from delvm.model.transformer import VisualLM, drop_path, preset
 from delvm.train.config import load_config
 from delvm.train.distributed import World
 
@@ -193,15 +195,114 @@ def test_label_smoothing_and_mixup():
     expected = F.cross_entropy(logits, labels, label_smoothing=0.1)
     assert soft_cross_entropy(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
     pixels = torch.rand(8, 3, 4, 4)
-    same = mixup(pixels, targets, RecipeSection(mixup_alpha=0.0), np.random.default_rng(0))
-    assert same[0] is pixels and same[1] is targets
-    recipe = RecipeSection(mixup_alpha=0.8)
-    mixed, mixed_targets = mixup(pixels, targets, recipe, np.random.default_rng(5))
-    draw = np.random.default_rng(5)
-    draw.random()
+    off = mix_batch(pixels, labels, targets, RecipeSection(), [0])
+    assert off[0] is pixels and off[1] is targets
+    mixed, mixed_targets = mix_batch(pixels, labels, targets, RecipeSection(mixup_alpha=0.8), [5])
+    draw = np.random.default_rng([5])
+    draw.random()  # the mixup_prob draw
     lam = float(draw.beta(0.8, 0.8))
     assert torch.allclose(mixed, lam * pixels + (1 - lam) * pixels.flip(0))
     assert torch.allclose(mixed_targets, lam * targets + (1 - lam) * targets.flip(0))
+    direct = mixup(pixels, targets, lam)
+    assert torch.equal(direct[0], mixed) and torch.equal(direct[1], mixed_targets)
+
+
+def test_cutmix_targets_are_the_shares_of_each_image_in_the_pixels():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 1, 0])
+    # Image i is the constant i: each output pixel says which image it came from.
+    pixels = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 16, 16).contiguous()
+    rows = F.one_hot(torch.arange(8), 8).float()  # one "class" per image, to read shares back
+    mixed, shares = cutmix(pixels, labels, rows, alpha=1.0)
+    counted = torch.stack([(mixed[:, 0] == i).float().mean((1, 2)) for i in range(8)], dim=1)
+    assert torch.allclose(shares, counted)
+    assert (counted.max(1).values < 1).sum() >= 4  # most images did receive a box
+    # With the real targets: the label weights are the areas, label smoothing kept.
+    targets = soft_targets(labels, 6, 0.1)
+    torch.manual_seed(0)
+    _, mixed_targets = cutmix(pixels, labels, targets, alpha=1.0)
+    assert torch.allclose(mixed_targets, counted @ targets)
+
+
+def test_mix_batch_switches_between_mixup_and_cutmix_as_timm():
+    pixels, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    targets = soft_targets(labels, 4, 0.0)
+    recipe = RecipeSection(mixup_alpha=0.8, cutmix_alpha=1.0, cutmix_switch=0.5)
+    kinds = []
+    for seed in range(40):
+        mixed, _ = mix_batch(pixels, labels, targets, recipe, [seed])
+        # Mixup blends every pixel; CutMix leaves most pixels exactly one image's.
+        exact = (mixed[:, None] == pixels[None]).all(2).any(1).float().mean().item()
+        kinds.append("cutmix" if exact > 0.5 else "mixup")
+        again, _ = mix_batch(pixels, labels, targets, recipe, [seed])
+        assert torch.equal(mixed, again)  # a function of the seed
+    assert 10 < kinds.count("cutmix") < 30
+    never = RecipeSection(mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=0.0)
+    assert mix_batch(pixels, labels, targets, never, [1])[0] is pixels
+
+
+def test_pixel_augment_is_seeded_per_sample_and_erases_a_grey_box():
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert PixelAugment()(image, [0, 1]) is image
+    randaug = PixelAugment(ops=2, magnitude=9)
+    outputs = [randaug(image, [0, k]) for k in range(6)]
+    assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outputs)
+    assert np.array_equal(randaug(image, [0, 3]), outputs[3])
+    assert sum(not np.array_equal(o, image) for o in outputs) >= 4
+    assert len({o.tobytes() for o in outputs}) >= 4
+    erased = PixelAugment(erase_prob=1.0)(image, [0, 0])
+    box = (erased != image).any(2)
+    assert np.all(erased[box] == 128) and 0.02 * 1024 <= box.sum() <= 0.34 * 1024
+    rows, cols = np.nonzero(box)  # one rectangle
+    assert box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].mean() > 0.9
+
+
+def test_drop_path_drops_whole_samples_in_training_only():
+    torch.manual_seed(0)
+    x = torch.ones(4000, 3, 5)
+    dropped = drop_path(x, 0.25, training=True)
+    per_sample = dropped.flatten(1)
+    assert torch.all(per_sample == per_sample[:, :1])  # all or nothing per sample
+    assert sorted(set(per_sample[:, 0].tolist())) == [0.0, pytest.approx(1 / 0.75)]
+    assert (per_sample[:, 0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert drop_path(x, 0.25, training=False) is x
+    model = classifier(classes=3)
+    model.set_drop_path(0.1)
+    assert [b.drop_path for b in model.trunk.blocks] == [0.0, pytest.approx(0.1)]
+    pixels = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        model.eval()
+        plain = model.features(pixels)
+        model.set_drop_path(0.0)
+        assert torch.equal(model.features(pixels), plain)  # off in eval
+        model.set_drop_path(0.99)
+        model.train()
+        torch.manual_seed(1)
+        assert not torch.allclose(model.features(pixels), plain, atol=1e-2)
+
+
+def test_position_grid_places_patches_where_the_tokenizer_codes_were():
+    config = ClassifierConfig(num_classes=3, image_size=24, patch_size=8, position_grid=4)
+    assert config.positions().tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    assert ClassifierConfig(3, image_size=24, patch_size=8).positions().tolist() == list(range(9))
+    with pytest.raises(DelvmError, match="position_grid 2: at least the 3 patches"):
+        ClassifierConfig(num_classes=3, image_size=24, patch_size=8, position_grid=2)
+    trunk = classifier().trunk
+    with torch.no_grad():  # sharper attention than at initialisation, so positions matter
+        for block in trunk.blocks:
+            block.attn.qkv.weight.mul_(20)
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        default = trunk.hidden_states(x)
+        assert torch.equal(trunk.hidden_states(x, positions=torch.arange(9)), default)
+        shifted = trunk.hidden_states(x, positions=torch.arange(9) + 7)  # rotary is relative
+        spread = trunk.hidden_states(x, positions=config.positions())
+        assert (shifted - default).abs().max() < 1e-4 < 1e-2 < (spread - default).abs().max()
+        model = VisualClassifier(trunk, config).eval()
+        pixels = torch.rand(2, 3, 24, 24)
+        embed = model.patch_embed((pixels - model.mean) / model.std).flatten(2).transpose(1, 2)
+        expected = trunk.hidden_states(embed, positions=config.positions()).mean(1)
+        assert torch.allclose(model.features(pixels), expected)
 
 
 def test_layer_wise_lr_decay_groups():
@@ -259,6 +360,8 @@ def tiny_run_overrides() -> list[str]:
         "classifier.image_size=32", "classifier.patch_size=8", "data.toy.resolution=32",
         "data.toy.train=60", "data.toy.val=12", "data.crop_scale=[0.35, 1.0]",
         "optim.lr=3e-3", "optim.warmup_ratio=0.25", "recipe.mixup_alpha=0.8",
+        "recipe.cutmix_alpha=1.0", "recipe.randaug_ops=2", "recipe.erase_prob=0.25",
+        "recipe.drop_path=0.1",
     ]  # fmt: skip
 
 
@@ -316,12 +419,15 @@ def test_cli_toyset_train_eval_and_errors(tmp_path, capsys):
     assert error.startswith("delvm: error: ") and "nope: no such image folder" in error
     assert len(error.strip().splitlines()) == 1
     assert main(["classify", "eval", str(tmp_path), "--workers", "0"]) == 2
-    assert "neither a classifier checkpoint" in capsys.readouterr().err
+    assert "neither a checkpoint folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
-    settings = ["steps=3", "eval_every=3", "checkpoint_every=3", "recipe.mixup_alpha=0.0"]
+    # Mixing and drop path draw per rank; the per-image augmentations are a function of the
+    # sample alone, so they stay on.
+    settings = ["steps=3", "eval_every=3", "checkpoint_every=3", "recipe.mixup_alpha=0.0",
+                "recipe.cutmix_alpha=0.0", "recipe.drop_path=0.0"]  # fmt: skip
     ClassifierTrainer(tiny_run(tmp_path / "one", *settings)).run()
     config = tmp_path / "c.toml"
     config.write_text(f'out = "{tmp_path / "two"}"\n')

@@ -5,8 +5,9 @@ indices follow the sorted sub-folder names. Images are read when a batch needs t
 of any size opens in seconds.
 
 Training sample k of a run (k = step x batch + row) is a pure function of (seed, k): the epoch's
-shuffled order picks the image, and RandomResizedCrop + flip draw from a generator seeded by k. So
-a resumed run sees exactly what an uninterrupted one would, whatever the number of loader workers.
+shuffled order picks the image, and RandomResizedCrop + flip, then RandAugment and random erasing
+(`PixelAugment`, kornia's), draw from generators seeded by k. So a resumed run sees exactly what
+an uninterrupted one would, whatever the number of loader workers.
 An unreadable file is skipped with a warning naming it and the reason; in training its slot takes
 the next image of the epoch's order, in evaluation it is left out of the metrics and counted.
 """
@@ -97,11 +98,49 @@ def to_pixels(batch: Tensor, device: torch.device) -> Tensor:
     return batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
 
 
+class PixelAugment:
+    """RandAugment, then random erasing, of one image (kornia's, as timm applies them per image).
+
+    ``ops`` operations of kornia's RandAugment policy at ``magnitude`` on timm's 0..10 scale
+    (kornia's m is 3x that, on 0..30); 0 ops: none. Random erasing (``erase_prob``) fills a box
+    of 2-33 % of the image, aspect 0.3-3.3, with mid-grey 0.5 (kornia fills with one constant).
+    """
+
+    def __init__(self, ops: int = 0, magnitude: int = 9, erase_prob: float = 0.0):
+        self.steps = []
+        if ops:
+            from kornia.augmentation.auto import RandAugment  # seconds to import: only if used
+
+            self.steps.append(RandAugment(n=ops, m=3 * magnitude))
+        if erase_prob:
+            from kornia.augmentation import RandomErasing
+
+            self.steps.append(RandomErasing(p=erase_prob, value=0.5))
+
+    def __call__(self, image: np.ndarray, seed: list[int]) -> np.ndarray:
+        """uint8 [H, W, 3] -> uint8 [H, W, 3]; the draws are a function of ``seed`` alone."""
+        if not self.steps:
+            return image
+        x = torch.tensor(image).permute(2, 0, 1)[None].float().div_(255)  # a copy: may be read-only
+        with torch.random.fork_rng(devices=[]):  # kornia draws from torch's global generator
+            torch.manual_seed(int(np.random.default_rng(seed).integers(2**63)))
+            for step in self.steps:
+                x = step(x)
+        return x[0].permute(1, 2, 0).clamp_(0, 1).mul_(255).round_().to(torch.uint8).numpy()
+
+
 class TrainSamples(Dataset):
     """Sample k of a run -> (augmented image uint8 [size, size, 3], label)."""
 
-    def __init__(self, images: LabelledImages, augment: AugmentConfig, seed: int):
+    def __init__(
+        self,
+        images: LabelledImages,
+        augment: AugmentConfig,
+        seed: int,
+        pixels: PixelAugment | None = None,
+    ):
         self.images, self.augment, self.seed = images, augment, seed
+        self.pixels = pixels or PixelAugment()
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def order(self, epoch: int) -> np.ndarray:
@@ -129,6 +168,7 @@ class TrainSamples(Dataset):
         rng = np.random.default_rng([self.seed, k, 1])
         params = sample_crop(image.shape[0], image.shape[1], self.augment, rng)
         image = crop_resize(image, params, self.augment.size, nearest=False)
+        image = self.pixels(image, [self.seed, k, 3])
         return torch.tensor(image), self.images.label(index)  # a copy: Pillow's is read-only
 
 

@@ -4,8 +4,11 @@ As in the paper's Section 6 (MAE's fine-tuning framework): the VQGAN encoder and
 embedding are replaced by one convolution that cuts the image into patch x patch squares and
 projects each to the trunk's width; the patches enter the trunk in scan-line order, as the VQ
 codes did in pretraining, with the same rotary positions (with 256 px images and 16 px patches,
-the 16 x 16 grid of the f16 tokenizer). Attention stays causal as pretrained, or is made
-bidirectional (`causal = false`). The final hidden states (after the trunk's own final norm) are
+the 16 x 16 grid of the f16 tokenizer). With `position_grid` a smaller image keeps those
+positions: MAE's 224 px gives 14 x 14 patches, and patch (row, column) takes rotary position
+row x 16 + column, where the code of a 256 px image sat. Attention stays causal as pretrained,
+or is made bidirectional (`causal = false`). Drop path (stochastic depth) is set per block by
+`set_drop_path`. The final hidden states (after the trunk's own final norm) are
 averaged over the patches and a linear layer gives the class logits.
 
 On disk a classifier is a folder like a model checkpoint: ``config.json`` (format
@@ -40,6 +43,9 @@ class ClassifierConfig:
     image_size: int = 256
     patch_size: int = 16
     causal: bool = True  # attention as pretrained; False: every patch sees every patch
+    # Rotary position of patch (row, column): row x position_grid + column; 0: the patches' own
+    # grid. 16 with 224 px images: where the f16 tokenizer's codes of a 256 px image sat.
+    position_grid: int = 0
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel, of pixels in [0, 1]
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -51,10 +57,28 @@ class ClassifierConfig:
             )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise DelvmError("classifier.mean / std: three numbers each, std > 0")
+        side = self.image_size // self.patch_size
+        if self.position_grid and self.position_grid < side:
+            raise DelvmError(
+                f"classifier.position_grid {self.position_grid}: at least the {side} patches per "
+                "row (image_size / patch_size), or 0 for the patches' own grid"
+            )
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def position_span(self) -> int:
+        """How many rotary positions the patches span: the last one's + 1."""
+        side = self.image_size // self.patch_size
+        return (side - 1) * (self.position_grid or side) + side
+
+    def positions(self) -> Tensor:
+        """The rotary position of each patch [num_patches], in scan-line order."""
+        side = self.image_size // self.patch_size
+        rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        return (rows * (self.position_grid or side) + columns).flatten()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,11 +97,12 @@ class VisualClassifier(nn.Module):
 
     def __init__(self, trunk: VisualLM, config: ClassifierConfig):
         super().__init__()
-        if config.num_patches > trunk.config.max_seq_len:
+        if config.position_span > trunk.config.max_seq_len:
             raise DelvmError(
                 f"{config.num_patches} patches ({config.image_size} px / {config.patch_size} px "
-                f"patches, squared) exceed the trunk's max_seq_len {trunk.config.max_seq_len}; "
-                "use larger patches or smaller images"
+                f"patches, squared) span {config.position_span} positions, more than the trunk's "
+                f"max_seq_len "
+                f"{trunk.config.max_seq_len}; use larger patches or smaller images"
             )
         if config.num_classes < 2:
             raise DelvmError(f"a classifier needs at least 2 classes, got {config.num_classes}")
@@ -103,7 +128,15 @@ class VisualClassifier(nn.Module):
         shape = (1, 3, 1, 1)
         self.register_buffer("mean", torch.tensor(self.config.mean).view(shape), persistent=False)
         self.register_buffer("std", torch.tensor(self.config.std).view(shape), persistent=False)
+        self.register_buffer("positions", self.config.positions(), persistent=False)
         self.trunk.init_rotary()
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly over the trunk's blocks from 0 to ``rate`` (MAE's
+        rule); active in training mode only."""
+        rates = torch.linspace(0, rate, len(self.trunk.blocks)).tolist()
+        for block, block_rate in zip(self.trunk.blocks, rates, strict=True):
+            block.drop_path = block_rate
 
     def features(self, pixels: Tensor) -> Tensor:
         """The pooled representation [B, hidden]: the mean of the trunk's final hidden states."""
@@ -114,7 +147,8 @@ class VisualClassifier(nn.Module):
             )
         x = (pixels - self.mean) / self.std
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, patches, hidden], scan-line order
-        return self.trunk.hidden_states(x, causal=self.config.causal).mean(dim=1)
+        hidden = self.trunk.hidden_states(x, causal=self.config.causal, positions=self.positions)
+        return hidden.mean(dim=1)
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.head(self.features(pixels))

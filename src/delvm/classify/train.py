@@ -3,7 +3,10 @@
 The recipe (MAE / BEiT fine-tuning, what the paper's Section 6 used): AdamW with layer-wise lr
 decay (trunk block i of L gets lr x decay^(L - i), the patch embedding decay^(L + 1), the final
 norm and the head the full lr), weight decay on matrices only, linear warmup then cosine, label
-smoothing, RandomResizedCrop + flip and optional mixup. The lr is absolute (MAE states a base lr
+smoothing, drop path; per image RandomResizedCrop + flip, RandAugment and random erasing; per
+step mixup or CutMix (timm's Mixup: one of the two per mixing step). The augmentations are
+kornia's except mixup: kornia's RandomMixUpV2 draws its weight uniformly, which cannot give
+MAE's Beta(0.8, 0.8), and the mix is one line here. The lr is absolute (MAE states a base lr
 per 256 images: multiply it by batch / 256 yourself).
 
 Checkpoints are the trainer's (`delvm.train.state`): ``OUT/checkpoints/step-N/`` holds a
@@ -27,7 +30,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from delvm.classify.data import ImageFolder, LabelledImages, StepBatches, TrainSamples, to_pixels
+from delvm.classify.data import (
+    ImageFolder,
+    LabelledImages,
+    PixelAugment,
+    StepBatches,
+    TrainSamples,
+    to_pixels,
+)
 from delvm.classify.evaluate import evaluate
 from delvm.classify.model import (
     ClassifierConfig,
@@ -68,18 +78,37 @@ class ClassifyDataSection:
 
 @dataclass
 class RecipeSection:
+    """Regularisation of the fine-tune; every default is off or neutral (MAE's ViT-B values in
+    the comments, as configs/classify_imagenet.toml sets them)."""
+
     layer_decay: float = 0.75  # MAE: 0.65 (ViT-B), 0.75 (ViT-L)
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight; 0 turns mixup off (MAE: 0.8)
-    mixup_prob: float = 1.0  # share of steps that mix
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) share of the kept image; 0: off (MAE: 1.0)
+    mixup_prob: float = 1.0  # share of steps that mix (mixup or CutMix)
+    cutmix_switch: float = 0.5  # with both on: share of mixing steps that use CutMix (timm's)
+    randaug_ops: int = 0  # RandAugment operations per image; 0: off (MAE: 2)
+    randaug_magnitude: int = 9  # on timm's 0..10 scale, 1..9 (MAE: 9)
+    erase_prob: float = 0.0  # random erasing, per image (MAE: 0.25)
+    drop_path: float = 0.0  # stochastic depth of the last block, 0 at the first (MAE: 0.1)
 
     def __post_init__(self) -> None:
         if not 0 < self.layer_decay <= 1:
             raise DelvmError(f"recipe.layer_decay {self.layer_decay}: in (0, 1] (1: no decay)")
         if not 0 <= self.label_smoothing < 1:
             raise DelvmError(f"recipe.label_smoothing {self.label_smoothing}: in [0, 1)")
-        if self.mixup_alpha < 0 or not 0 <= self.mixup_prob <= 1:
-            raise DelvmError("recipe.mixup_alpha must be >= 0 and recipe.mixup_prob in [0, 1]")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise DelvmError("recipe.mixup_alpha and recipe.cutmix_alpha must be >= 0 (0: off)")
+        for name in ("mixup_prob", "cutmix_switch", "erase_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise DelvmError(f"recipe.{name} {getattr(self, name)}: a probability in [0, 1]")
+        if self.randaug_ops < 0 or not 1 <= self.randaug_magnitude <= 9:
+            raise DelvmError(
+                "recipe.randaug_ops must be >= 0 (0: off) and recipe.randaug_magnitude in 1..9 "
+                "(timm's scale; kornia's m = 3x, below its 30)"
+            )
+        if not 0 <= self.drop_path < 1:
+            raise DelvmError(f"recipe.drop_path {self.drop_path}: in [0, 1)")
 
 
 @dataclass
@@ -171,14 +200,40 @@ def soft_targets(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
     return targets.scatter_(1, labels[:, None], 1 - smoothing + off)
 
 
-def mixup(
-    pixels: Tensor, targets: Tensor, recipe: RecipeSection, rng: np.random.Generator
-) -> tuple[Tensor, Tensor]:
-    """Mix each image and target with the batch's reverse, weight lam ~ Beta(alpha, alpha)."""
-    if recipe.mixup_alpha <= 0 or rng.random() >= recipe.mixup_prob:
-        return pixels, targets
-    lam = float(rng.beta(recipe.mixup_alpha, recipe.mixup_alpha))
+def mixup(pixels: Tensor, targets: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """Mix each image and target with the batch's reverse, weight ``lam`` (timm's batch mode)."""
     return lam * pixels + (1 - lam) * pixels.flip(0), lam * targets + (1 - lam) * targets.flip(0)
+
+
+def cutmix(pixels: Tensor, labels: Tensor, targets: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """kornia's CutMix: a box of another image of the batch pasted into each image; the targets
+    mix in proportion to the areas (the kept share drawn from Beta(alpha, alpha))."""
+    from kornia.augmentation import RandomCutMixV2
+
+    mix = RandomCutMixV2(beta=alpha, use_correct_lambda=True, data_keys=["input", "class"])
+    params = mix.forward_parameters(pixels.shape)  # drawn here to know who pastes into whom
+    pixels, (mixed,) = mix(pixels, labels, params=params)
+    pasted = params["mix_pairs"][0].to(targets.device)  # row i receives a box of row pasted[i]
+    kept = mixed[:, 2:3].to(targets.dtype)  # kornia's rows: label, pasted label, share kept
+    return pixels, kept * targets + (1 - kept) * targets[pasted]
+
+
+def mix_batch(
+    pixels: Tensor, labels: Tensor, targets: Tensor, recipe: RecipeSection, seed: list[int]
+) -> tuple[Tensor, Tensor]:
+    """Mixup or CutMix (or neither) for one step, as timm's Mixup chooses; every draw is a
+    function of ``seed``."""
+    rng = np.random.default_rng(seed)
+    on = [kind for kind in ("mixup", "cutmix") if getattr(recipe, f"{kind}_alpha") > 0]
+    if not on or rng.random() >= recipe.mixup_prob:
+        return pixels, targets
+    if len(on) == 2:
+        on = ["cutmix"] if rng.random() < recipe.cutmix_switch else ["mixup"]
+    if on == ["mixup"]:
+        return mixup(pixels, targets, float(rng.beta(recipe.mixup_alpha, recipe.mixup_alpha)))
+    with torch.random.fork_rng(devices=[]):  # kornia draws from torch's global generator
+        torch.manual_seed(int(rng.integers(2**63)))
+        return cutmix(pixels, labels, targets, recipe.cutmix_alpha)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -206,6 +261,7 @@ class ClassifierTrainer:
             trunk_config = preset(config.model.preset, **config.model.overrides)
             with torch.device(self.device):
                 bare = VisualClassifier(VisualLM(trunk_config), self.classifier_config)
+        bare.set_drop_path(config.recipe.drop_path)
         self.bare = bare
         self.model = wrap_model(bare, self.world, "ddp")
         o = config.optim
@@ -216,6 +272,8 @@ class ClassifierTrainer:
             size=self.classifier_config.image_size, scale=tuple(config.data.crop_scale),
             ratio=tuple(config.data.crop_ratio), hflip=config.data.hflip,
         )  # fmt: skip
+        r = config.recipe
+        self.pixel_augment = PixelAugment(r.randaug_ops, r.randaug_magnitude, r.erase_prob)
         self.step = 0
         self.history: list[dict] = []
 
@@ -266,8 +324,9 @@ class ClassifierTrainer:
         pixels, labels = to_pixels(images, self.device), labels.to(self.device)
         targets = soft_targets(labels, len(self.classes), config.recipe.label_smoothing)
         # One mixing draw per step, the same on every rank (a function of the step alone).
-        rng = np.random.default_rng([config.seed, self.step, 2])
-        pixels, targets = mixup(pixels, targets, config.recipe, rng)
+        pixels, targets = mix_batch(
+            pixels, labels, targets, config.recipe, [config.seed, self.step, 2]
+        )
         with self.autocast:
             logits = self.model(pixels)
         loss = soft_cross_entropy(logits, targets)
@@ -301,9 +360,12 @@ class ClassifierTrainer:
         per_rank = config.batch // world.size
         rows = range(world.rank * per_rank, (world.rank + 1) * per_rank)
         loader = DataLoader(
-            TrainSamples(self.train_set, self.augment, config.seed),
+            TrainSamples(self.train_set, self.augment, config.seed, self.pixel_augment),
             batch_sampler=StepBatches(self.step, config.steps, config.batch, rows),
             num_workers=config.workers,
+            # Its own generator: the loader's seed draw must not move the global stream drop
+            # path draws from, or a resumed run would drop other paths than an uninterrupted one.
+            generator=torch.Generator().manual_seed(config.seed),
         )
         if world.is_main:
             print(f"{len(self.train_set):,} training images, {len(self.classes)} classes, "

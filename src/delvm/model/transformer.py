@@ -240,9 +240,19 @@ class GeluMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth (Huang et al. 2016) of a residual branch x [B, ...]: in training, each
+    sample's branch is dropped with probability ``rate`` and kept ones scaled by 1 / (1 - rate)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        self.drop_path = 0.0  # stochastic depth of both branches; only the classifier sets it
         if config.block == "llama":
             self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
             self.attn = Attention(config, layer, bias=config.attention_bias)
@@ -263,8 +273,9 @@ class Block(nn.Module):
         start: int = 0,
         causal: bool = True,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start, causal)
-        return x + self.mlp(self.mlp_norm(x))
+        attn = self.attn(self.attn_norm(x), cos, sin, cache, start, causal)
+        x = x + drop_path(attn, self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.mlp_norm(x)), self.drop_path, self.training)
 
 
 class CodebookEmbedding(nn.Module):
@@ -360,19 +371,30 @@ class VisualLM(nn.Module):
         self.init_rotary()  # derived tables: rebuilt for real even if built on the meta device
 
     def hidden_states(
-        self, x: Tensor, cache: KVCache | None = None, start: int = 0, causal: bool = True
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        causal: bool = True,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Run the trunk on embeddings x [B, T, hidden] at positions start..start+T-1.
 
         ``causal=False`` lets every position attend to every other (the classifier's
-        bidirectional option); generation always runs causally.
+        bidirectional option); generation always runs causally. ``positions`` [T] (increasing,
+        below max_seq_len, without a cache) replaces start..start+T-1: the classifier's patches
+        of a 224 px image sit where the codes of a 256 px image did in pretraining (it checks
+        them once; here a check would cost a device sync per call).
         """
-        end = start + x.shape[1]
-        if end > self.config.max_seq_len:
-            raise DelvmError(
-                f"sequence of {end} tokens exceeds max_seq_len {self.config.max_seq_len}"
-            )
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        if positions is None:
+            end = start + x.shape[1]
+            if end > self.config.max_seq_len:
+                raise DelvmError(
+                    f"sequence of {end} tokens exceeds max_seq_len {self.config.max_seq_len}"
+                )
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for block in self.blocks:
             x = block(x, cos, sin, cache, start, causal)
         return self.norm(x)
