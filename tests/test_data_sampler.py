@@ -79,7 +79,8 @@ def task_shares(s, tasks, n=3000) -> dict[str, float]:
         # Training examples after holding out 5 %: pose 19 (+ 9 copies each), seg 190.
         ("none", {}, 19 / (19 + 190)),  # originals only, natural proportions
         ("resample", {}, 0.5),
-        ("augment", {}, 190 / (190 + 190)),  # pose's copies equalise the tokens
+        ("augment", {}, 0.5),  # the same mix as resample: copies add diversity, not weight
+        ("augment", {"pose": 3.0}, 0.75),
         ("resample", {"pose": 3.0}, 0.75),
     ],
 )
@@ -87,6 +88,29 @@ def test_task_shares_follow_the_balancing_mode(store, balance, weights, pose_sha
     shares = task_shares(sampler(store, balance=balance, task_weights=weights), ["pose", "seg"])
     sigma = (pose_share * (1 - pose_share) / 3000) ** 0.5
     assert abs(shares["pose"] - pose_share) < 4 * sigma + 1e-9
+
+
+def test_resample_and_augment_draw_the_same_mix_and_examples_differing_only_in_copies(store):
+    """The balance study's arms: one task mix, one draw of originals; augment swaps in copies."""
+    for weights in ({}, {"seg": 2.5}):
+        draws = {
+            mode: sampler(store, balance=mode, task_weights=weights).train_batch(
+                3, 0, range(400), ["pose", "seg"]
+            )
+            for mode in ("resample", "augment")
+        }
+        assert draws["resample"].tasks == draws["augment"].tasks  # sentence by sentence
+        examples = {m: decode(b.ids, store) for m, b in draws.items()}
+        origins = {m: [[(t, o) for t, o, _ in s] for s in e] for m, e in examples.items()}
+        assert origins["resample"] == origins["augment"]
+        copies = [c for s in examples["augment"] for t, _, c in s if t == "pose"]
+        assert max(copies) > 0 and all(c == 0 for s in examples["resample"] for *_, c in s)
+    mix = {m: sampler(store, balance=m).task_mix() for m in ("resample", "augment")}
+    assert mix["resample"]["pose"]["share"] == mix["augment"]["pose"]["share"] == 0.5
+    assert mix["augment"]["pose"]["originals"] == mix["resample"]["pose"]["originals"] == 19
+    assert (
+        mix["augment"]["pose"]["distinct"] == 19 * 10 and mix["resample"]["pose"]["distinct"] == 19
+    )
 
 
 def test_copies_are_used_only_under_augment(store):

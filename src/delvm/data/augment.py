@@ -36,8 +36,10 @@ from delvm.errors import DelvmError
 class AugmentConfig:
     """RandomResizedCrop + horizontal flip, torchvision's definitions.
 
-    scale: range of the crop's area as a fraction of the image's. Dense targets lose their meaning
-    on tiny crops, so the default keeps at least half the image (torchvision's is (0.08, 1.0)).
+    scale: range of the crop's area as a fraction of the image's. The paper (Table 8) uses
+    torchvision's default (0.08, 1.0), as the shipped real-data config does; the default here
+    keeps at least half the image, for small images (the toy world) whose dense targets lose
+    their meaning on tiny crops.
     ratio: range of the crop's width / height, sampled log-uniformly.
     hflip: probability of a horizontal flip.
     size: side of the square output images.

@@ -8,12 +8,16 @@ uninterrupted run would see, and data-parallel ranks, which take different rows,
 
 The task of a training sentence is drawn by weight:
     none      proportional to the task's stored tokens of original examples (natural mix)
-    resample  equal for every task (tail-task examples repeat more often)
-    augment   proportional to stored tokens including the augmented copies `delvm data build`
-              made for tail tasks (needs a store built with balance = "augment")
-and `task_weights` multiply those weights per task. Within a task, k distinct original examples
-are drawn uniformly (repeats only when the task has fewer than k), each as a random one of its
-stored copies under `augment`, else as copy 0.
+    resample  equal for every task; tail-task examples repeat more often
+    augment   equal for every task, as `resample`; each drawn example is a random one of its
+              stored copies (the augmented copies `delvm data build` made, needs a store built
+              with balance = "augment"), so a tail task repeats fewer identical examples
+and `task_weights` multiply those weights per task (a target share per task). `resample` and
+`augment` therefore train on the same task mix and differ only in diversity: where more draws
+are needed than copies were stored, the copies repeat. Every sentence has the same number of
+tokens, so a task's share of sentences is its share of tokens. Within a task, k distinct original
+examples are drawn uniformly (repeats only when the task has fewer than k), each as a random one
+of its stored copies under `augment`, else as copy 0.
 
 The held-out split is by original example: a validation example's copies never reach training.
 Validation sentences use copy 0 of validation examples only and are fixed by the seed.
@@ -173,12 +177,22 @@ class SentenceSampler:
         return np.sort(order[held:]), np.sort(order[:held])
 
     def _weight(self, name: str) -> float:
-        if self.config.balance == "resample":
-            base = 1.0
-        else:
+        if self.config.balance == "none":
             task = self.store.tasks[name]
             base = float(len(self.train[name].rows) * task.images_per_example)
+        else:  # resample and augment: the same (equal) mix; they differ in what is drawn
+            base = 1.0
         return base * float(self.config.task_weights.get(name, 1.0))
+
+    def task_mix(self) -> dict[str, dict]:
+        """Per task: its share of training sentences (= of tokens) and the distinct examples it
+        draws from (originals, and stored rows counting augmented copies)."""
+        total = sum(self.weights.values())
+        return {
+            t: {"share": self.weights[t] / total if total else 0.0,
+                "originals": len(self.train[t].origins), "distinct": len(self.train[t].rows)}
+            for t in self.tasks
+        }  # fmt: skip
 
     # -- sentences
 
