@@ -1,12 +1,13 @@
 # `make test` and `make demo` each create the virtual environment they need.
 VENV := .venv
 PY := $(VENV)/bin/python
-# Two stamps: the demo needs delvm alone; tests, lint and benchmarks add the test and serve extras
-# (pytest, ruff, transformers, playwright; gradio), which the demo need not wait for.
+# Two stamps: the demo needs delvm alone; tests, lint and benchmarks add every extra (test: pytest,
+# ruff, transformers, playwright; serve: gradio; video: av; tensorboard), which the demo need not
+# wait for.
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: test demo demo-full lint bench
+.PHONY: test demo demo-full reproduce lint bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[test,serve]'
+	$(PY) -m pip install -q -e '.[test,serve,video,tensorboard]'
 	touch $(TEST_STAMP)
 
 # One thread per test process: two-thread kernels stall badly when the machine is busy.
@@ -34,6 +35,12 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(VENV)/bin/delvm demo demo_full
 	@echo "report: demo_full_out/report.html"
+
+# The paper's four studies on the toy world, three seeds each, into reproduce_out/results.md
+# (docs/studies.md). Reruns resume. One torch thread per process: the studies run two at a time.
+reproduce: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/delvm experiment reproduce --out reproduce_out
+	@echo "results: reproduce_out/results.md"
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

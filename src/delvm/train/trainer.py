@@ -13,13 +13,13 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from delvm.data.sampler import SentenceBatch
@@ -212,7 +212,7 @@ class Trainer:
 
     def train_step(self, tasks: list[str]) -> dict[str, float]:
         config, world = self.config, self.world
-        rows = range(world.rank * config.micro_batch, (world.rank + 1) * config.micro_batch)
+        rows = range(0, config.micro_batch)
         total, parts = torch.zeros((), device=self.device), {}
         for micro in range(config.grad_accum):
             batch = self.source.train_batch(self.step, micro, rows, tasks)
@@ -341,7 +341,7 @@ class RunLogger:
     def __init__(self, out: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
         self.file = (out / "log.jsonl").open("a") if enabled else None
-        self.tb = SummaryWriter(str(out / "tensorboard")) if enabled and tensorboard else None
+        self.tb = _summary_writer(out / "tensorboard") if enabled and tensorboard else None
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -359,6 +359,21 @@ class RunLogger:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _summary_writer(folder: Path):  # -> torch.utils.tensorboard.SummaryWriter | None
+    """TensorBoard's writer, or None with a warning where the optional tensorboard package is
+    missing: log.jsonl holds the same scalars, so the run goes on without it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        warnings.warn(
+            f"tensorboard = true, but TensorBoard cannot be imported ({err}): scalars go to "
+            "log.jsonl only; pip install 'delvm[tensorboard]' or set tensorboard = false",
+            stacklevel=2,
+        )
+        return None
+    return SummaryWriter(str(folder))
 
 
 def _flatten(record: dict, prefix: str = "") -> dict[str, float]:
