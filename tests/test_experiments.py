@@ -192,3 +192,58 @@ def test_rerun_with_other_settings_is_refused(tokenizer: Path, tmp_path: Path, c
     assert "other settings" in capsys.readouterr().err
     assert main([*argv, "--stages", "pose"]) == 2
     assert "two stages" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reproduce_writes_one_page_and_resumes(tmp_path: Path):
+    """`make reproduce` at its smallest: a 4-step tokenizer, every study for 2 steps, 2 seeds."""
+    config = tmp_path / "repro.toml"
+    config.write_text("""
+seeds = [0, 1]
+jobs = 2
+[world]
+segmentation = 8
+pose = 4
+derain = 4
+[tokenizer]
+model = { num_embeddings = 64 }
+steps = 4
+batch_size = 4
+crop = 32
+warmup_steps = 1
+eval_every = 4
+checkpoint_every = 4
+val_images = 4
+precision = "fp32"
+[common]
+segmentation = 8
+pose = 4
+derain = 4
+eval_examples = 4
+set = ["data.val_sentences=2", "micro_batch=2"]
+[balance]
+steps = 2
+[data-scaling]
+steps = 2
+factor = 2
+[kd]
+steps = 2
+teacher = ["num_layers=3"]
+[continual]
+steps = 3
+""")
+    out = tmp_path / "out"
+    assert main(["experiment", "reproduce", "--config", str(config), "--out", str(out)]) == 0
+    page = (out / "results.md").read_text()
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["studies"]) == ["balance", "data-scaling", "kd", "continual"]
+    claims = [c for s in summary["studies"].values() for c in s["claims"]]
+    assert len(claims) == 14
+    for c in claims:  # in the verdicts table on top and in its study's own claims table
+        assert page.count(f"| {c['claim']} ") == 2 and f"**{c['verdict']}** |" in page
+    for study in summary["studies"]:
+        assert f"({study}/loss_curves.png)" in page and (out / study / "loss_curves.png").is_file()
+    # A rerun finds everything done and writes the same page.
+    mtime = (out / "kd" / "seed-1" / "arms" / "teacher" / "log.jsonl").stat().st_mtime
+    assert main(["experiment", "reproduce", "--config", str(config), "--out", str(out)]) == 0
+    assert (out / "kd" / "seed-1" / "arms" / "teacher" / "log.jsonl").stat().st_mtime == mtime
