@@ -361,7 +361,7 @@ def tiny_run_overrides() -> list[str]:
         "data.toy.train=60", "data.toy.val=12", "data.crop_scale=[0.35, 1.0]",
         "optim.lr=3e-3", "optim.warmup_ratio=0.25", "recipe.mixup_alpha=0.8",
         "recipe.cutmix_alpha=1.0", "recipe.randaug_ops=2", "recipe.erase_prob=0.25",
-        "recipe.drop_path=0.1",
+        "recipe.drop_path=0.1", "precision='fp32'",  # "auto" is bf16 on CPUs with bf16 units
     ]  # fmt: skip
 
 

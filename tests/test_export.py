@@ -115,6 +115,7 @@ def test_cli_export_and_errors(tmp_path, capsys):
     save_model(random_model(), tmp_path / "ckpt")
     assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert "names no tokenizer" in capsys.readouterr().err  # a bare checkpoint names none
     assert main(["export-hf", str(tmp_path / "nope"), str(tmp_path / "hf2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("delvm: error:") and "nope" in err and "\n" not in err

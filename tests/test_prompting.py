@@ -116,3 +116,43 @@ def test_save_grid_layout(tmp_path):
     grid = np.asarray(Image.open(save_grid([[a, b], [b]], tmp_path / "g.png")))
     assert grid.shape == (20, 20, 3)
     assert grid[0, 0, 0] == 0 and grid[0, 12, 0] == 200 and grid[12, 12, 0] == 255
+
+
+def test_batch_size_bounds_each_batch_and_keeps_greedy_outputs(parts):
+    tokenizer, model = parts
+    pairs = list(zip(images(1, 1), images(1, 2), strict=True))
+    queries, answers = images(5, 3), images(5, 4)
+    whole = VisualPrompter(model, tokenizer, batch_size=16)
+    chunked = VisualPrompter(model, tokenizer, batch_size=2)
+    rows_seen, generate = [], chunked.generator
+
+    def recording(prompts, *args):
+        rows_seen.append(len(prompts))
+        return generate(prompts, *args)
+
+    chunked.generator = recording
+    greedy = SamplingConfig(temperature=0)
+    for a, b in zip(whole(pairs, queries, greedy), chunked(pairs, queries, greedy), strict=True):
+        assert np.array_equal(a, b)
+    assert rows_seen == [2, 2, 1]
+    assert chunked.answer_nll(pairs, queries, answers) == pytest.approx(
+        whole.answer_nll(pairs, queries, answers), rel=1e-5
+    )
+    for a, b in zip(whole.inpaint(queries, greedy), chunked.inpaint(queries, greedy), strict=True):
+        assert np.array_equal(a, b)
+    with pytest.raises(DelvmError, match="batch size must be >= 1"):
+        VisualPrompter(model, tokenizer, batch_size=0)
+
+
+def test_seeded_sampling_draws_each_batch_from_its_own_stream(parts):
+    tokenizer, model = parts
+    prompter = VisualPrompter(model, tokenizer, batch_size=1)
+    pairs = list(zip(images(1, 1), images(1, 2), strict=True))
+    same_query_twice = images(1, 3) * 2
+    sampling = SamplingConfig(temperature=1.0, seed=5)
+    first, second = prompter(pairs, same_query_twice, sampling)
+    assert not np.array_equal(first, second)  # batch 2 draws with seed 6, not seed 5 again
+    again = prompter(pairs, same_query_twice, sampling)
+    assert np.array_equal(again[0], first) and np.array_equal(again[1], second)
+    alone = prompter(pairs, same_query_twice[:1], sampling)[0]
+    assert np.array_equal(alone, first)  # as before batching: one batch draws with the seed

@@ -19,7 +19,7 @@ from PIL import Image
 from delvm.data.images import load_square
 from delvm.errors import DelvmError
 from delvm.inference.generate import SamplingConfig
-from delvm.inference.prompting import VisualPrompter, make_grid
+from delvm.inference.prompting import VisualPrompter, add_checkpoint_arguments, make_grid
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -270,7 +270,7 @@ def _run_serve(args) -> None:
             "delvm serve needs Gradio, an optional extra: pip install -e '.[serve]' in the "
             "repository (make test installs it too)"
         ) from None
-    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device)
+    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device, args.dtype)
     if args.examples is None:
         examples = toyworld_examples(prompter.size)
     else:
@@ -281,13 +281,11 @@ def _run_serve(args) -> None:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="a local web page for visual prompting")
-    p.add_argument("checkpoint", type=Path, help="delvm checkpoint or Hugging Face folder")
-    p.add_argument("--tokenizer", type=Path, required=True, help="the tokenizer folder")
+    add_checkpoint_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--examples", type=Path, default=None, metavar="DIR",
                    help="a `delvm data toyworld` folder (default: generate toy-world pairs)")  # fmt: skip
-    p.add_argument("--device", default="cpu")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload file")
     p.add_argument("--max-side", type=int, default=4096, help="largest upload side in px")
     p.set_defaults(func=_run_serve)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from delvm.devices import add_dtype_argument, inference_dtype
 from delvm.errors import DelvmError
 from delvm.fileio import write_json
 
@@ -25,21 +26,6 @@ def _train(args: argparse.Namespace) -> None:
             dist.destroy_process_group()
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A classifier folder, or a run's ``out`` folder (its latest checkpoint)."""
-    from delvm.train.state import checkpoint_dirs
-
-    if (path / "config.json").is_file():
-        return path
-    found = checkpoint_dirs(path)
-    if not found:
-        raise DelvmError(
-            f"{path}: neither a classifier checkpoint (no config.json) nor a run folder with "
-            "checkpoints/; pass what `delvm classify train` wrote"
-        )
-    return found[-1]
-
-
 def _eval(args: argparse.Namespace) -> None:
     from delvm.classify.data import ImageFolder
     from delvm.classify.evaluate import evaluate
@@ -47,6 +33,7 @@ def _eval(args: argparse.Namespace) -> None:
     from delvm.classify.toyset import ToySection, ToyWorldKinds
     from delvm.classify.train import format_result
     from delvm.train.distributed import init_world
+    from delvm.train.state import resolve_checkpoint
 
     world = init_world()
     folder = resolve_checkpoint(args.checkpoint)
@@ -66,9 +53,10 @@ def _eval(args: argparse.Namespace) -> None:
     else:
         raise DelvmError(f"{folder}: trained without a validation folder; pass --data FOLDER")
     crop = args.crop if args.crop is not None else data["eval_crop"]
-    autocast = torch.autocast(world.device.type, torch.bfloat16, enabled=args.bf16)
+    dtype = inference_dtype(args.dtype, world.device)
+    autocast = torch.autocast(world.device.type, dtype, enabled=dtype != torch.float32)
     try:
-        result = evaluate(model, images, crop, args.batch, args.workers, world, autocast)
+        result = evaluate(model, images, crop, args.batch_size, args.workers, world, autocast)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -99,10 +87,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help="a classifier checkpoint or a run's out folder")
     p.add_argument("--data", type=Path, help="image folder (one sub-folder per class); "
                    "default: the validation set the checkpoint was trained with")  # fmt: skip
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="image-loading processes")
     p.add_argument("--crop", type=float, help="centre-crop share (default: the training config's)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    add_dtype_argument(p)  # autocast; the weights stay fp32
     p.add_argument("--json", type=Path, help="also write the result here")
     p.set_defaults(func=_eval)
 

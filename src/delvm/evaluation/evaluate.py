@@ -1,8 +1,10 @@
-"""`delvm eval CKPT --store STORE`: per-task validation loss, accuracy and perplexity.
+"""`delvm eval RUN`: per-task validation loss, accuracy and perplexity.
 
-The held-out sentences are the sampler's fixed validation sentences (examples never seen in
-training, by the same seed and val_fraction as the run). Figures come twice, labelled: over every
-token of the sentence (DeLVM's convention) and over the last image only (LVM's perplexity).
+The held-out sentences are the sampler's fixed validation sentences: examples never seen in
+training, chosen by the run's own store, seed and split (val_fraction, val_sentences, seq_len),
+which `delvm eval` reads from the checkpoint's training state; flags override them, and name them
+for checkpoints without one. Figures come twice, labelled: over every token of the sentence
+(DeLVM's convention) and over the last image only (LVM's perplexity).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import torch
 
 from delvm.data.sampler import SamplerConfig, SentenceSampler
 from delvm.data.store import open_store
+from delvm.devices import add_device_argument, add_dtype_argument, inference_dtype, resolve_device
 from delvm.errors import DelvmError
 from delvm.evaluation.metrics import SCOPES, TaskMetrics
-from delvm.model.checkpoint import load_model, read_checkpoint_config
-from delvm.model.hf import is_hf_folder
+from delvm.model.checkpoint import load_model, tokenizer_fingerprint
 from delvm.model.transformer import VisualLM
+from delvm.train.state import resolve_checkpoint, run_config
 
 
 @torch.no_grad()
@@ -59,17 +62,35 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> None:
-    model = load_model(args.checkpoint, args.device)
-    fingerprint = None
-    if not is_hf_folder(args.checkpoint):
-        fingerprint = read_checkpoint_config(args.checkpoint)[1]["tokenizer"]["fingerprint"]
-    store = open_store(args.store, fingerprint=fingerprint)
+def _split(args: argparse.Namespace, run: dict, model: VisualLM) -> tuple[Path, SamplerConfig]:
+    """The store and the validation split: each from its flag, else from the run's data config
+    (``run``; empty for a checkpoint without training state), else the default."""
+
+    def pick(name: str, default):
+        flag = getattr(args, name)
+        return flag if flag is not None else run.get(name, default)
+
+    store = pick("store", None)
+    if not store:
+        raise DelvmError("no token store: pass --store STORE (the checkpoint records no run's)")
+    defaults = SamplerConfig()
     config = SamplerConfig(
-        seq_len=args.seq_len or model.config.max_seq_len, balance="none",
-        val_fraction=args.val_fraction, val_sentences=args.val_sentences, seed=args.seed,
+        seq_len=pick("seq_len", model.config.max_seq_len), balance="none",
+        val_fraction=pick("val_fraction", defaults.val_fraction),
+        val_sentences=pick("val_sentences", defaults.val_sentences), seed=pick("seed", defaults.seed),
     )  # fmt: skip
-    result = evaluate(model, SentenceSampler(store, config), args.batch_size)
+    return Path(store), config
+
+
+def _run(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    folder = resolve_checkpoint(args.checkpoint)
+    model = load_model(folder, device).to(inference_dtype(args.dtype, device))
+    store, config = _split(args, (run_config(folder) or {}).get("data", {}), model)
+    sampler = SentenceSampler(open_store(store, fingerprint=tokenizer_fingerprint(folder)), config)
+    print(f"{folder} on {store}: {config.val_sentences} held-out sentences of {config.seq_len} "
+          f"tokens per task (seed {config.seed}, val_fraction {config.val_fraction})")  # fmt: skip
+    result = evaluate(model, sampler, args.batch_size)
     table = markdown_table(result)
     print(table)
     if args.out:
@@ -80,13 +101,16 @@ def _run(args: argparse.Namespace) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="per-task validation loss / accuracy / perplexity")
-    p.add_argument("checkpoint", type=Path, help="delvm checkpoint or Hugging Face folder")
-    p.add_argument("--store", type=Path, required=True, help="token store (delvm data build)")
+    p.add_argument("checkpoint", type=Path,
+                   help="a run folder (its latest checkpoint), checkpoint or Hugging Face folder")  # fmt: skip
+    p.add_argument("--store", type=Path, default=None, help="token store (default: the run's)")
     p.add_argument("--out", type=Path, default=None, help="write metrics.json and metrics.md")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="as in training")
-    p.add_argument("--val-sentences", type=int, default=16, help="per task")
-    p.add_argument("--seed", type=int, default=0, help="the data seed used in training")
+    run = "default: the run's, else "
+    p.add_argument("--seq-len", type=int, default=None, help=run + "the model's context")
+    p.add_argument("--val-fraction", type=float, default=None, help=run + "0.05")
+    p.add_argument("--val-sentences", type=int, default=None, help=run + "16 per task")
+    p.add_argument("--seed", type=int, default=None, help=run + "0 (the data seed)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
+    add_dtype_argument(p)
     p.set_defaults(func=_run)

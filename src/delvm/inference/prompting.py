@@ -3,12 +3,18 @@
 A prompt is a visual sentence missing its last image: (input_1, output_1, ..., input_k,
 output_k, query). The model continues it by one image's worth of tokens, which the tokenizer
 decodes. The same machinery continues a half image (inpainting, the paper's Appendix D) and a
-clip of frames (next-frame prediction).
+clip of frames (next-frame prediction). Many queries run ``batch_size`` at a time, so memory
+stays bounded however many there are.
+
+    import delvm
+    prompter = delvm.load_prompter("run")  # a run folder, a checkpoint or an export
+    answers = prompter([("in.png", "out.png")], ["query.png"])  # one RGB uint8 array per query
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +23,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from delvm.data.images import load_square
+from delvm.devices import add_device_argument, add_dtype_argument, inference_dtype, resolve_device
 from delvm.errors import DelvmError
-from delvm.inference.generate import Generator, SamplingConfig
+from delvm.inference.generate import Generator, SamplingConfig, prefill
 from delvm.model.transformer import VisualLM
 from delvm.tokenizer import VQGAN
 
@@ -26,7 +33,8 @@ ImageLike = np.ndarray | str | Path  # RGB uint8 [H, W, 3] or an image file
 
 
 class VisualPrompter:
-    """Prompts a model whose token ids are ``tokenizer``'s codes."""
+    """Prompts a model whose token ids are ``tokenizer``'s codes, ``batch_size`` queries at a
+    time (greedy outputs do not depend on it)."""
 
     def __init__(
         self,
@@ -34,7 +42,12 @@ class VisualPrompter:
         tokenizer: VQGAN,
         decode_dtype: torch.dtype | None = None,
         model_fingerprint: str | None = None,
+        batch_size: int = 16,
+        draft: VisualLM | None = None,
+        draft_tokens: int = 4,
     ):
+        if batch_size < 1:
+            raise DelvmError(f"batch size must be >= 1, got {batch_size}")
         if model.config.codes != tokenizer.num_codes:
             raise DelvmError(
                 f"the model predicts {model.config.codes} codes but the tokenizer has "
@@ -45,8 +58,10 @@ class VisualPrompter:
                 f"the checkpoint was trained with tokenizer {model_fingerprint}, not "
                 f"{tokenizer.fingerprint()}; pass the tokenizer folder it was trained with"
             )
-        self.model, self.tokenizer = model, tokenizer
-        self.generator = Generator(model, decode_dtype)
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        # A draft (a smaller model with the same codes) makes greedy answers no different, only
+        # faster: speculative decoding (`Generator`).
+        self.generator = Generator(model, decode_dtype, draft, draft_tokens)
         self.size = tokenizer.config.resolution
         self.image_tokens = tokenizer.grid_size**2
 
@@ -61,17 +76,26 @@ class VisualPrompter:
             )
         return image
 
+    def _batches(self, items: Sequence) -> list[Sequence]:
+        return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+
     def encode(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Images -> ids [n, tokens per image]."""
-        return self.tokenizer.encode(np.stack([self.pixels(i) for i in images]))
+        return torch.cat([
+            self.tokenizer.encode(np.stack([self.pixels(i) for i in batch]))
+            for batch in self._batches(images)
+        ])  # fmt: skip
 
     def reconstruct(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
         """Images through the tokenizer and back: the best any output of the model can look."""
         return self._images(self.encode(images))
 
     def _images(self, ids: torch.Tensor) -> list[np.ndarray]:
-        pixels = self.tokenizer.decode(ids.cpu())
-        return list((pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8))
+        images = []
+        for batch in ids.cpu().split(self.batch_size):
+            pixels = self.tokenizer.decode(batch)
+            images += list((pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8))
+        return images
 
     def _context_ids(self, examples: Sequence[tuple[ImageLike, ImageLike]]) -> torch.Tensor:
         """The example pairs as one row of ids [1, 2 x pairs x tokens per image]."""
@@ -87,8 +111,15 @@ class VisualPrompter:
     def continue_ids(
         self, prompts: torch.Tensor, new_tokens: int, sampling: SamplingConfig | None
     ) -> torch.Tensor:
+        """Continue each row of ``prompts`` [N, T] by ``new_tokens`` codes, ``batch_size`` rows at
+        a time; a seeded sampler draws batch i with seed + i, so batches sample independently."""
         self._check_context(prompts.shape[1] + new_tokens)
-        return self.generator(prompts, new_tokens, sampling)
+        sampling = sampling or SamplingConfig()
+        out = []
+        for i, rows in enumerate(prompts.split(self.batch_size)):
+            seed = None if sampling.seed is None else sampling.seed + i
+            out.append(self.generator(rows, new_tokens, replace(sampling, seed=seed)))
+        return torch.cat(out)
 
     def __call__(
         self,
@@ -96,7 +127,7 @@ class VisualPrompter:
         queries: Sequence[ImageLike],
         sampling: SamplingConfig | None = None,
     ) -> list[np.ndarray]:
-        """One output image per query, all under the same example pairs (batched)."""
+        """One output image per query, all under the same example pairs."""
         if not queries:
             raise DelvmError("give at least one query image")
         context = self._context_ids(examples)
@@ -118,13 +149,21 @@ class VisualPrompter:
                 f"one answer per query: {len(queries)} queries, {len(answers)} answers"
             )
         context = self._context_ids(examples)
-        answer_ids = self.encode(answers)
-        ids = torch.cat([context.expand(len(queries), -1), self.encode(queries), answer_ids], 1)
+        ids = torch.cat(
+            [context.expand(len(queries), -1), self.encode(queries), self.encode(answers)], 1
+        )
         self._check_context(ids.shape[1])
         device = self.model.head.weight.device
-        logits = self.model(ids[:, :-1].to(device))[:, -self.image_tokens :].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), answer_ids.to(device), reduction="none")
-        return nll.mean(1).tolist()
+        nll = []
+        for rows in ids.split(self.batch_size):
+            rows = rows.to(device)
+            # Rows that share the pairs and the query run them once (`prefill`).
+            _, logits = prefill(self.model, rows[:, :-1], rows.shape[1] - 1, self.image_tokens)
+            logits = logits.float()
+            answer = rows[:, -self.image_tokens :]
+            loss = F.cross_entropy(logits.transpose(1, 2), answer, reduction="none")
+            nll += loss.mean(1).tolist()
+        return nll
 
     def inpaint(
         self, images: Sequence[ImageLike], sampling: SamplingConfig | None = None
@@ -163,44 +202,113 @@ def save_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 4) -> P
     return Path(path)
 
 
+def load_prompter(
+    checkpoint: str | Path,
+    tokenizer: str | Path | None = None,
+    device: str | torch.device = "auto",
+    dtype: str = "auto",
+    batch_size: int = 16,
+    draft: str | Path | None = None,
+    draft_tokens: int = 4,
+) -> VisualPrompter:
+    """A prompter for a checkpoint: a run folder (its latest checkpoint), a delvm checkpoint, or
+    a Hugging Face folder such as a `delvm export-hf` export.
+
+    ``tokenizer``: its folder; by default the one the checkpoint names (`checkpoint_tokenizer`).
+    ``device`` and ``dtype`` as `delvm.devices` reads ``--device`` / ``--dtype``: ``auto`` runs in
+    bf16 on a GPU, in fp32 on a CPU. ``draft``: a smaller model trained with the same tokenizer
+    (e.g. the distilled student) that drafts ``draft_tokens`` codes per step of the model; the
+    answers stay the model's own (speculative decoding).
+    """
+    from delvm.model.checkpoint import (
+        checkpoint_tokenizer,
+        load_model,
+        resolve_checkpoint,
+        tokenizer_fingerprint,
+    )
+    from delvm.tokenizer import load_tokenizer
+
+    folder, device = resolve_checkpoint(checkpoint), resolve_device(device)
+    tokenizer = tokenizer or checkpoint_tokenizer(folder)
+    if tokenizer is None:
+        raise DelvmError(
+            f"{folder}: no tokenizer found beside it or in its run's config; pass --tokenizer DIR"
+        )
+    model = load_model(folder, device).to(inference_dtype(dtype, device)).eval()
+    # On a CPU, decoding reads every weight once per token: `auto` keeps fp32 weights for the
+    # prefill and decodes with bf16 copies of them (half the bytes; see `Generator`).
+    decode_dtype = torch.bfloat16 if dtype == "auto" and device.type == "cpu" else None
+    tokenizer = load_tokenizer(tokenizer, device)
+    draft_model = None
+    if draft is not None:
+        draft = resolve_checkpoint(draft)
+        fingerprint = tokenizer_fingerprint(draft)
+        if fingerprint and fingerprint != tokenizer.fingerprint():
+            raise DelvmError(
+                f"draft {draft} was trained with tokenizer {fingerprint}, not "
+                f"{tokenizer.fingerprint()}; a draft must use the model's tokenizer"
+            )
+        draft_model = load_model(draft, device).to(inference_dtype(dtype, device)).eval()
+    return VisualPrompter(
+        model,
+        tokenizer,
+        decode_dtype,
+        tokenizer_fingerprint(folder),
+        batch_size,
+        draft_model,
+        draft_tokens,
+    )
+
+
 # ---- command line ------------------------------------------------------------------------------
 
 
-def load_prompter(checkpoint: Path, tokenizer: Path, device: str = "cpu") -> VisualPrompter:
-    """A prompter for a checkpoint (delvm or Hugging Face folder) and its tokenizer folder."""
-    from delvm.model.checkpoint import load_model, read_checkpoint_config
-    from delvm.model.hf import is_hf_folder
-    from delvm.tokenizer import load_tokenizer
-
-    model = load_model(checkpoint, device).eval()
-    fingerprint = None
-    if not is_hf_folder(checkpoint):
-        fingerprint = read_checkpoint_config(checkpoint)[1]["tokenizer"]["fingerprint"]
-    # bf16 decode copies pay off on CPU (decoding reads every weight per token).
-    decode_dtype = torch.bfloat16 if device == "cpu" else None
-    return VisualPrompter(model, load_tokenizer(tokenizer, device), decode_dtype, fingerprint)
+def _prompter(args) -> VisualPrompter:
+    batch_size = getattr(args, "batch_size", 1)  # next-frame continues one clip
+    return load_prompter(
+        args.checkpoint, args.tokenizer, args.device, args.dtype, batch_size, args.draft,
+        args.draft_tokens,
+    )  # fmt: skip
 
 
 def _sampling(args) -> SamplingConfig:
     return SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
 
 
+def add_checkpoint_arguments(p) -> None:
+    """The checkpoint, ``--tokenizer``, ``--device`` and ``--dtype`` of every prompting verb."""
+    p.add_argument("checkpoint", type=Path,
+                   help="a run folder (its latest checkpoint), checkpoint or Hugging Face folder")  # fmt: skip
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="the tokenizer folder (default: the one the checkpoint names)")  # fmt: skip
+    add_device_argument(p)
+    add_dtype_argument(p)
+
+
 def _add_common(p) -> None:
-    p.add_argument("checkpoint", type=Path, help="delvm checkpoint or Hugging Face folder")
-    p.add_argument("--tokenizer", type=Path, required=True, help="the tokenizer folder")
+    add_checkpoint_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--draft", type=Path, default=None, metavar="CKPT",
+                   help="a smaller model with the same tokenizer (e.g. the distilled student) "
+                   "drafting codes for the model: faster, the same greedy answers")  # fmt: skip
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                   help="codes the draft proposes per step of the model (with --draft)")  # fmt: skip
+
+
+def _add_batch_size(p) -> None:
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images generated at once (bounds memory; greedy outputs do not change)")  # fmt: skip
 
 
 def _run_prompt(args) -> None:
     if len(args.examples) % 2:
         raise DelvmError("--examples takes pairs: IN OUT [IN OUT ...]")
     pairs = list(zip(args.examples[::2], args.examples[1::2], strict=True))
-    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device)
+    prompter = _prompter(args)
     outputs = prompter(pairs, args.query, _sampling(args))
     args.out.mkdir(parents=True, exist_ok=True)
     shown = [prompter.pixels(image) for pair in pairs for image in pair]
@@ -212,7 +320,7 @@ def _run_prompt(args) -> None:
 
 
 def _run_inpaint(args) -> None:
-    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device)
+    prompter = _prompter(args)
     outputs = prompter.inpaint(args.images, _sampling(args))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -223,7 +331,7 @@ def _run_inpaint(args) -> None:
 
 
 def _run_next_frame(args) -> None:
-    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device)
+    prompter = _prompter(args)
     frame = prompter.next_frame(args.frames, _sampling(args))
     args.out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(frame).save(args.out / "next_frame.png")
@@ -236,11 +344,13 @@ def add_commands(sub) -> None:
     p.add_argument("--examples", nargs="+", required=True, metavar="IMG",
                    help="example pairs: IN OUT [IN OUT ...]")  # fmt: skip
     p.add_argument("--query", nargs="+", required=True, metavar="IMG", help="query images")
+    _add_batch_size(p)
     p.set_defaults(func=_run_prompt)
 
     p = sub.add_parser("inpaint", help="keep the top half of images, generate the bottom half")
     _add_common(p)
     p.add_argument("images", nargs="+", type=Path)
+    _add_batch_size(p)
     p.set_defaults(func=_run_inpaint)
 
     p = sub.add_parser("next-frame", help="predict the frame after a clip of frames")

@@ -5,8 +5,10 @@
 a killed writer never leaves a half-written checkpoint behind. Weights are safetensors: loading
 never unpickles anything.
 
-`load_model` is the one loader every command uses; it also accepts the published Hugging Face
-folders (LVM's ``llama``, DeLVM's ``internlm``) directly.
+`load_model` is the one loader every command uses; it also accepts a training run's ``out``
+folder (its latest checkpoint), and the published Hugging Face folders (LVM's ``llama``, DeLVM's
+``internlm``) and `delvm export-hf` exports directly. `checkpoint_tokenizer` finds the tokenizer
+a checkpoint was trained with, so a user need not name it.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from delvm.devices import resolve_device
 from delvm.errors import DelvmError
 from delvm.fileio import atomic_write, read_json, write_json
 from delvm.model.hf import is_hf_folder, load_hf_model
 from delvm.model.transformer import ModelConfig, VisualLM
+from delvm.train.state import resolve_checkpoint, run_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"  # an export's copy of its tokenizer (`delvm export-hf`)
 FORMAT = "delvm"
 
 
@@ -64,10 +69,8 @@ def write_weights_folder(folder: str | Path, state: dict[str, torch.Tensor], met
 
 
 def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, dict]:
-    """The model config and the whole metadata dict of a delvm checkpoint folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DelvmError(f"{folder}: no such checkpoint folder")
+    """The model config and the whole metadata dict of a delvm checkpoint (or run) folder."""
+    folder = resolve_checkpoint(folder)
     meta = read_json(folder / CONFIG_NAME)
     if meta.get("format") != FORMAT:
         raise DelvmError(f"{folder / CONFIG_NAME}: not a delvm checkpoint (no 'format': 'delvm')")
@@ -75,9 +78,10 @@ def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, dict]:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> VisualLM:
-    """Load a delvm checkpoint folder, or a Hugging Face llama / internlm folder, strictly."""
-    folder = Path(folder)
-    if folder.is_dir() and is_hf_folder(folder):
+    """Load a delvm checkpoint folder, a run folder (its latest checkpoint), or a Hugging Face
+    llama / internlm folder, strictly. ``device``: a device, or ``auto`` (CUDA when present)."""
+    folder, device = resolve_checkpoint(folder), resolve_device(device)
+    if is_hf_folder(folder):
         return load_hf_model(folder).to(device)
     config, _ = read_checkpoint_config(folder)
     weights = folder / WEIGHTS_NAME
@@ -91,3 +95,24 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Visual
         model = VisualLM(config)
     model.load_weights(state, weights)
     return model.to(device)
+
+
+def tokenizer_fingerprint(folder: str | Path) -> str | None:
+    """The fingerprint of the tokenizer a delvm checkpoint was trained with (None: not
+    recorded, or a Hugging Face folder, which has no place for it)."""
+    folder = resolve_checkpoint(folder)
+    if is_hf_folder(folder):
+        return None
+    return read_checkpoint_config(folder)[1]["tokenizer"]["fingerprint"]
+
+
+def checkpoint_tokenizer(folder: str | Path) -> Path | None:
+    """The tokenizer folder of a checkpoint: an export's own copy (``tokenizer/``), else the
+    ``tokenizer`` setting of the run that trained it, if that folder is still there."""
+    folder = resolve_checkpoint(folder)
+    if (folder / TOKENIZER_DIR / CONFIG_NAME).is_file():
+        return folder / TOKENIZER_DIR
+    recorded = (run_config(folder) or {}).get("tokenizer")
+    if recorded and (Path(recorded) / CONFIG_NAME).is_file():
+        return Path(recorded)
+    return None
