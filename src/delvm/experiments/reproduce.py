@@ -82,7 +82,8 @@ def reproduce(config_name: str, out: Path) -> Path:
 
     path = find_config(config_name)
     config = tomllib.loads(path.read_text())
-    unknown = sorted(set(config) - {"seeds", "jobs", "world", "tokenizer", "common", *STUDIES})
+    known = {"seeds", "jobs", "run_order", "world", "tokenizer", "common", *STUDIES}
+    unknown = sorted(set(config) - known)
     if unknown:
         raise DelvmError(f"{path}: unknown section(s) {unknown}")
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,10 @@ def reproduce(config_name: str, out: Path) -> Path:
         commands[name] = ["experiment", name, "--tokenizer", str(tok_run / "tokenizer"),
                           "--out", str(out / name), "--seeds", *map(str, config["seeds"]),
                           *_argv(name, options)]  # fmt: skip
-    _run_parallel(commands, out, int(config.get("jobs", 1)), timings)
+    order = config.get("run_order", list(STUDIES))
+    if sorted(order) != sorted(STUDIES):
+        raise DelvmError(f"{path}: run_order {order} must name each of {list(STUDIES)} once")
+    _run_parallel({n: commands[n] for n in order}, out, int(config.get("jobs", 1)), timings)
     parser = build_parser()
     sections, summary = [], {}
     for name, argv in commands.items():
