@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from delvm.cli import main
+from delvm.cli import build_parser, main
 from delvm.errors import DelvmError
 from delvm.evaluation.pascal5i import evaluate_pascal5i, markdown_table
 from delvm.model.checkpoint import save_model
@@ -160,7 +160,8 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(voc, tmp_path, capsys):
     args = ["eval-pascal5i", str(tmp_path / "run"), "--tokenizer", str(tmp_path / "tok"),
             "--voc", str(voc), "--fold", "1", "--fold-lists", str(voc / "lists"),
             "--out", str(tmp_path / "out")]  # fmt: skip
-    assert main(args) == 0
+    assert build_parser().parse_args(args).device == "auto"  # the GPU when there is one
+    assert main([*args, "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "out" / "pascal5i.json").read_text())
     assert result["protocol"] == {"shots": 1, "threshold": 0.5, "seed": 0, "size": 32}
     fold = result["folds"]["1"]
@@ -171,6 +172,6 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(voc, tmp_path, capsys):
         capsys.readouterr().out + "\n"
     )
 
-    assert main([*args[:5], str(tmp_path / "nowhere")]) == 2
+    assert main([*args[:5], str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert last.startswith("delvm: error: ") and "nowhere/JPEGImages: missing" in last

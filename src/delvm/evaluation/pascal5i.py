@@ -32,6 +32,7 @@ from tqdm import tqdm
 from delvm.data.augment import resize_example
 from delvm.data.example import Example, Skipped
 from delvm.data.sources.pascal import iter_pascal5i
+from delvm.devices import add_device_argument, add_dtype_argument
 from delvm.errors import DelvmError
 from delvm.evaluation.scores import FOREGROUND_THRESHOLD
 from delvm.evaluation.task_scores import Predict, foreground_miou
@@ -134,9 +135,8 @@ def markdown_table(result: dict) -> str:
 
 def _run(args: argparse.Namespace) -> None:
     from delvm.inference.prompting import load_prompter
-    from delvm.train.state import resolve_checkpoint
 
-    prompter = load_prompter(resolve_checkpoint(args.checkpoint), args.tokenizer, args.device)
+    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device, args.dtype)
     bar = tqdm(desc="pascal-5i", unit="query")
 
     def predict(pairs, queries):
@@ -171,8 +171,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("checkpoint", type=Path,
-                   help="delvm checkpoint, a run's out folder (its latest), or a HF folder")  # fmt: skip
-    p.add_argument("--tokenizer", type=Path, required=True, help="the tokenizer folder")
+                   help="a run folder (its latest checkpoint), a checkpoint or a HF folder")  # fmt: skip
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="the tokenizer folder (default: the one the checkpoint names)")  # fmt: skip
     p.add_argument("--voc", type=Path, required=True,
                    help="VOC root: JPEGImages/, SegmentationClassAug/ or SegmentationClass/, "
                         "ImageSets/Segmentation/val.txt")  # fmt: skip
@@ -189,5 +190,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "et al.)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the support draws")
     p.add_argument("--out", type=Path, default=None, help="write pascal5i.json and pascal5i.md")
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
+    add_dtype_argument(p)
     p.set_defaults(func=_run)
