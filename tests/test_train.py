@@ -11,31 +11,24 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from delvm import devices
 from delvm.errors import DelvmError
 from delvm.model.checkpoint import load_model, save_model
 from delvm.model.transformer import VisualLM, preset
 from delvm.train import precision
-from delvm.train.config import OptimSection, load_config
+from delvm.train.config import OptimSection
 from delvm.train.distill import kd_loss
 from delvm.train.optim import cosine_lr, stage_lr
 from delvm.train.trainer import Trainer
 from tests.support.sentences import PatternSentences
+from tests.support.train_run import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, "-m", "tests.support.train_run"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def tiny_config(out, *overrides):
-    base = [
-        f"out={str(out)!r}", "steps=6", "micro_batch=2", "grad_accum=2", "checkpoint_every=2",
-        "eval_every=3", "log_every=1", "tensorboard=false", "data.seq_len=65",
-        "model.overrides={'vocab_size': 64, 'codebook_dim': 16}", "optim.lr=3e-3",
-        "optim.min_lr=3e-4", "optim.warmup_ratio=0.2",
-    ]  # fmt: skip
-    return load_config(None, base + list(overrides))
 
 
 def losses(out: Path) -> list[float]:
@@ -56,7 +49,8 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
     curve = losses(tmp_path / "run")
     assert len(curve) == 30 and curve[-1] < curve[0] - 0.5
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert kept == ["step-000020", "step-000030"]  # keep_checkpoints = 2
+    assert kept == ["latest", "step-000020", "step-000030"]  # keep_checkpoints = 2
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000030\n"
     model = load_model(tmp_path / "run" / "checkpoints" / "step-000030")
     assert model.config.vocab_size == 64
     meta = json.loads((tmp_path / "run/checkpoints/step-000030/config.json").read_text())
@@ -99,16 +93,30 @@ def test_kd_loss_equals_the_formula():
     assert kd_loss(student, student.clone(), labels)[2].item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_student_copy_of_teacher_has_zero_kd_loss(tmp_path):
+def test_the_trainer_distils_with_the_configured_weights_and_temperature(tmp_path):
     source = PatternSentences()
-    teacher = VisualLM(preset("tiny", vocab_size=64, codebook_dim=16), codebook=source.codebook())
-    save_model(teacher, tmp_path / "teacher")
-    config = tiny_config(tmp_path / "run", "steps=1", f"distill.teacher={str(tmp_path / 'teacher')!r}",
-                         f"init_from={str(tmp_path / 'teacher')!r}")  # fmt: skip
-    trainer = Trainer(config, source)
-    record = trainer.train_step(source.tasks)
-    assert record["loss_kd"] == pytest.approx(0.0, abs=1e-6)
-    assert record["loss_gt"] > 1.0
+    models = {}
+    for seed, name in enumerate(("student", "teacher")):
+        torch.manual_seed(seed)
+        models[name] = VisualLM(preset("tiny", vocab_size=64, codebook_dim=16),
+                                codebook=source.codebook())  # fmt: skip
+        with torch.no_grad():  # peaked logits, as trained ones: at the init T hardly matters
+            models[name].head.weight.mul_(20.0)
+        save_model(models[name], tmp_path / name)
+    config = tiny_config(tmp_path / "run", f"distill.teacher={str(tmp_path / 'teacher')!r}",
+                         f"init_from={str(tmp_path / 'student')!r}", "distill.w_gt=0.7",
+                         "distill.w_kd=1.3", "distill.temperature=2.0")  # fmt: skip
+    record = Trainer(config, source).train_step(source.tasks)
+    # By hand on the step's two micro-batches (equal sizes: their mean is the mean over all rows).
+    ids = torch.cat([source.train_batch(0, micro, range(2), source.tasks).ids for micro in (0, 1)])
+    with torch.no_grad():
+        student, teacher = (models[n](ids[:, :-1]).flatten(0, 1) for n in ("student", "teacher"))
+    gt = F.cross_entropy(student, ids[:, 1:].flatten()).item()
+    kl = F.kl_div(F.log_softmax(student / 2.0, -1), F.log_softmax(teacher / 2.0, -1),
+                  reduction="batchmean", log_target=True).item()  # fmt: skip
+    assert record["loss_gt"] == pytest.approx(gt, rel=1e-5)
+    assert record["loss_kd"] == pytest.approx(2.0**2 * kl, rel=1e-5)
+    assert record["loss"] == pytest.approx(0.7 * gt + 1.3 * 2.0**2 * kl, rel=1e-5)
 
 
 def test_teacher_must_share_the_tokenizer(tmp_path):
@@ -119,10 +127,20 @@ def test_teacher_must_share_the_tokenizer(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
-    config = tiny_config(tmp_path / "run", "steps=20", "optim.lr=1e30", "optim.warmup_ratio=0.0",
-                         "optim.grad_clip=1e30")  # fmt: skip
-    with pytest.raises(DelvmError, match="non-finite"):
-        Trainer(config, PatternSentences()).run()
+    trainer = Trainer(tiny_config(tmp_path / "run", "keep_checkpoints=1"), PatternSentences())
+    # The head's output turns to NaN from the fifth step on, after the step-4 checkpoint.
+    trainer.bare.head.register_forward_hook(
+        lambda module, inputs, out: out * float("nan") if trainer.step >= 4 else None
+    )
+    with pytest.raises(DelvmError, match="non-finite loss .* at step 4; stopped without updating"):
+        trainer.run()
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert kept == ["step-000004"]
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "model.safetensors")
+    assert all(torch.isfinite(saved[k]).all() for k in saved)
+    # Stopped without updating: the weights in memory are still the checkpoint's.
+    state = trainer.bare.state_dict()
+    assert all(torch.equal(saved[k], state[k]) for k in saved)
 
 
 def test_resume_with_a_different_model_is_an_error(tmp_path):
@@ -153,6 +171,19 @@ def test_continual_stages_write_a_task_by_stage_matrix(tmp_path):
     assert table[3].startswith("| 2 (pose) | ")
 
 
+def logged_steps(out: Path) -> list[int]:
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """`tiny_config`'s 6 steps in one process, start to finish: what every split run must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    subprocess.run([*RUN, str(out)], check=True, env=ENV, cwd=ROOT, capture_output=True)
+    return out
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     steps = ["steps=40", "checkpoint_every=2", "keep_checkpoints=50"]
@@ -168,11 +199,96 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     victim.wait()
     done = sorted((tmp_path / "killed" / "checkpoints").glob("step-*"))
     assert done and done[-1].name < "step-000040", "the run must be killed part-way"
+    before = logged_steps(tmp_path / "killed")
     subprocess.run([*RUN, str(tmp_path / "killed"), *steps], check=True, env=ENV, cwd=ROOT,
                    capture_output=True)  # fmt: skip
+    # The rerun went on from the last checkpoint, not from step 0 ...
+    resumed_at = int(done[-1].name.removeprefix("step-"))
+    assert logged_steps(tmp_path / "killed")[len(before) :] == list(range(resumed_at + 1, 41))
+    # ... and ended where the uninterrupted run did, bit for bit.
     full, resumed = final_weights(tmp_path / "full"), final_weights(tmp_path / "killed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert losses(tmp_path / "full")[-1] == losses(tmp_path / "killed")[-1]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_at_the_step_and_a_rerun_resumes_exactly(
+    tmp_path, uninterrupted, monkeypatch, stop
+):
+    # A real signal to this process during step 3. Had the trainer no handler, this one would
+    # record it (instead of Python's KeyboardInterrupt / termination ending the test session).
+    unhandled = []
+    previous = signal.signal(stop, lambda signum, frame: unhandled.append(signum))
+    step = Trainer.train_step
+
+    def signalled_in_step_three(self, tasks):
+        record = step(self, tasks)
+        if self.step == 2:
+            os.kill(os.getpid(), stop)
+        return record
+
+    try:
+        monkeypatch.setattr(Trainer, "train_step", signalled_in_step_three)
+        config = tiny_config(tmp_path / "run", "checkpoint_every=100")  # no step checkpoints
+        Trainer(config, PatternSentences()).run()
+    finally:
+        signal.signal(stop, previous)
+    monkeypatch.undo()
+    assert unhandled == []
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-000003"]
+    Trainer(config, PatternSentences()).run()
+    assert logged_steps(tmp_path / "run") == [1, 2, 3, 4, 5, 6]
+    full, resumed = final_weights(uninterrupted), final_weights(tmp_path / "run")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+_TORN_WRITE = """
+import os, signal, sys
+import torch
+from delvm.train.trainer import Trainer
+from tests.support.sentences import PatternSentences
+from tests.support.train_run import tiny_config
+
+save = torch.save
+
+def torn_save(state, path):  # the step-4 training state: half of it reaches the disk, then a kill
+    save(state, path)
+    if "step-000004" in str(path):
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = torn_save
+Trainer(tiny_config(sys.argv[1]), PatternSentences()).run()
+"""
+
+
+def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume(
+    tmp_path, uninterrupted
+):
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", _TORN_WRITE, str(out)], env=ENV, cwd=ROOT,
+                            capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    written = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert written == ["step-000002", "step-000004.tmp"]  # the torn one never got its name
+    Trainer(tiny_config(out), PatternSentences()).run()
+    assert logged_steps(out) == [1, 2, 3, 4, 3, 4, 5, 6]  # steps 3 and 4 again, from step 2
+    full, resumed = final_weights(uninterrupted), final_weights(out)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_fine_tuning_a_checkpoint_of_another_shape_is_an_error_showing_both(tmp_path):
+    other = VisualLM(preset("tiny", vocab_size=64, codebook_dim=16, num_layers=3))
+    save_model(other, tmp_path / "start")
+    config = tiny_config(tmp_path / "run", f"init_from={str(tmp_path / 'start')!r}")
+    with pytest.raises(DelvmError, match=r"start: its model config differs .*num_layers=3.* vs "
+                       r".*num_layers=2.*set model.preset/overrides to match"):  # fmt: skip
+        Trainer(config, PatternSentences())
+    same = tiny_config(tmp_path / "run", f"init_from={str(tmp_path / 'start')!r}",
+                       "model.overrides={'vocab_size': 64, 'codebook_dim': 16, 'num_layers': 3}")  # fmt: skip
+    start = Trainer(same, PatternSentences()).bare.state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in other.state_dict().items())
 
 
 def run_torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -182,22 +298,44 @@ def run_torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, parallel):
+@pytest.mark.parametrize(
+    "parallel",
+    # FSDP2 with activation checkpointing, as configs/paper_1b.toml trains.
+    [["parallel='ddp'"], ["parallel='fsdp'", "activation_checkpointing=true"]],
+    ids=["ddp", "fsdp"],
+)
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(
+    tmp_path, uninterrupted, parallel
+):
     # One process: micro-batch 2. Two ranks: micro-batch 1 each -> the same 2 rows per micro-step.
-    subprocess.run([*RUN, str(tmp_path / "one")], check=True, env=ENV, cwd=ROOT,
-                   capture_output=True)  # fmt: skip
-    result = run_torchrun(tmp_path / "two", "micro_batch=1", f"parallel={parallel!r}")
-    if result.returncode != 0 and parallel == "fsdp" and "gloo" in result.stderr.lower():
-        pytest.skip(f"FSDP2 on gloo is not supported by this torch: {result.stderr[-300:]}")
+    result = run_torchrun(tmp_path / "two", "micro_batch=1", *parallel)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one) == len(two) == 6
-    for a, b in zip(one, two, strict=True):
-        assert abs(a - b) <= 1e-5 * abs(a)
-    w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    one, two = losses(uninterrupted), losses(tmp_path / "two")
+    assert len(one) == 6 and two == pytest.approx(one, rel=1e-5)
+    w1, w2 = final_weights(uninterrupted), final_weights(tmp_path / "two")
     # Adam normalises tiny rounding differences of the two matmul splits into ~1e-6 steps.
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    source = PatternSentences()
+    batch = source.train_batch(0, 0, range(2), source.tasks).ids
+    results = []
+    for checkpointing in ("false", "true"):
+        trainer = Trainer(tiny_config(tmp_path / checkpointing,
+                                      f"activation_checkpointing={checkpointing}"), source)  # fmt: skip
+        block_runs = []
+        trainer.bare.blocks[0].attn.register_forward_hook(
+            lambda *_, runs=block_runs: runs.append(1)
+        )
+        loss, _ = trainer._loss(batch, None)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.bare.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads, len(block_runs)))
+    (plain_loss, plain_grads, plain_runs), (loss, grads, runs) = results
+    assert (plain_runs, runs) == (1, 2)  # checkpointed: the block runs again in the backward
+    assert loss == plain_loss
+    assert all(torch.allclose(grads[n], plain_grads[n], rtol=1e-5, atol=1e-7) for n in grads)
 
 
 def test_an_imported_hugging_face_folder_teaches(tmp_path):
@@ -219,12 +357,13 @@ def test_an_imported_hugging_face_folder_teaches(tmp_path):
 
 def test_bf16_autocast_where_asked_and_a_warning_on_a_cpu_that_emulates_it(monkeypatch):
     cpu = torch.device("cpu")
-    assert not precision.training_autocast("auto", cpu)._enabled  # auto: bf16 on GPUs only
     assert not precision.training_autocast("fp32", cpu)._enabled
-    monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        assert precision.training_autocast("auto", cpu)._enabled  # native bf16: auto is bf16
         assert precision.training_autocast("bf16", cpu)._enabled
-    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)
-    with pytest.warns(UserWarning, match="without AMX.*set precision = fp32"):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert not precision.training_autocast("auto", cpu)._enabled
+    with pytest.warns(UserWarning, match="neither of amx_bf16, avx512_bf16.*set precision = fp32"):
         assert precision.training_autocast("bf16", cpu)._enabled
