@@ -305,8 +305,8 @@ def test_sa1b_instances_in_random_colours_with_bad_files_reported(tmp_path):
         assert len(np.unique(target[mask], axis=0)) == 1 and target[mask].max() > 0
     colours = {tuple(target[m][0]) for m in (big & ~small, apart, small)}
     assert len(colours) == 3
-    np.testing.assert_array_equal(next(iter_sa1b(tmp_path)).images[1], target)  # seeded
-    assert not np.array_equal(next(iter_sa1b(tmp_path, seed=1)).images[1], target)
+    np.testing.assert_array_equal(next(iter(iter_sa1b(tmp_path))).images[1], target)  # seeded
+    assert not np.array_equal(next(iter(iter_sa1b(tmp_path, seed=1))).images[1], target)
     reasons = {s.source.rsplit("/", 1)[-1]: s.reason for s in skipped}
     assert set(reasons) == {
         "sa_2.json", "sa_3.json", "sa_4.json", "sa_5.jpg", "sa_6.json", "sa_7.json", "sa_8.jpg"

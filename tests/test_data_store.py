@@ -304,18 +304,21 @@ def test_no_bad_file_stops_a_build_and_each_is_reported_with_its_reason(tmp_path
         out=str(tmp_path / "store"), tokenizer=str(tokenizer_dir), shard_size=2, batch_size=2,
         balance="none",
         sources=[{"format": "paired", "root": str(pairs), "task": "derain"},
-                 {"format": "coco_keypoints", "json_path": str(coco), "image_dir": str(coco_images)},
+                 {"format": "coco_keypoints", "json_path": str(coco),
+                  "image_dir": str(coco_images)},
                  {"format": "sa1b", "folder": str(sa1b)}],
     )  # fmt: skip
     report = Builder(config, load_tokenizer(tokenizer_dir)).run()
 
     def reasons(index):
-        return {s["file"].rsplit("/", 1)[-1]: s["reason"] for s in report["sources"][index]["skipped"]}  # fmt: skip
+        skipped = report["sources"][index]["skipped"]
+        return {s["file"].rsplit("/", 1)[-1]: s["reason"] for s in skipped}
 
     assert reasons(0).keys() == {*bad_inputs, "lonely.png"}
-    for name, words in [("empty.png", "empty"), ("truncated.jpg", "truncated"),
-                        ("text.png", "not an image"), ("bomb.png", "pixel limit"),
-                        ("warned.png", "pixel limit"), ("lonely.png", "no matching target")]:  # fmt: skip
+    expected = [("empty.png", "empty"), ("truncated.jpg", "truncated"),
+                ("text.png", "not an image"), ("bomb.png", "pixel limit"),
+                ("warned.png", "pixel limit"), ("lonely.png", "no matching target")]  # fmt: skip
+    for name, words in expected:
         assert words in reasons(0)[name], (name, reasons(0)[name])
     assert reasons(1) == {coco.name + "#annotation=12": "image_id 7 is not in the file's 'images'"}
     assert reasons(2).keys() == {"sa_3.jpg", "sa_4.json", "sa_5.json"}
@@ -350,7 +353,7 @@ def test_unusable_sources_and_configs_are_clear_errors(tmp_path, tokenizer_dir):
         run(sources=[{"format": "paired", "root": str(root)}])
     with pytest.raises(DelvmError, match="format 'coco' is not one of"):
         run(sources=[{"format": "coco"}])
-    with pytest.raises(DelvmError, match=r"sources\[0\] \(paired\):.*unexpected keyword"):
+    with pytest.raises(DelvmError, match=r"sources\[0\]: paired source:.*unexpected keyword"):
         run(
             sources=[{"format": "paired", "root": str(root), "colour": 1}], out=str(tmp_path / "o2")
         )
@@ -385,8 +388,8 @@ def test_a_resumed_build_skips_finished_shards_and_refuses_another_config(
     monkeypatch.setattr(Builder, "_encode", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         Builder(config, tokenizer).run()
-    finished = sorted((tmp_path / "store" / ".build" / "derain").glob("*.npy"))
-    assert [p.name for p in finished] == ["base-000000.npy", "base-000001.npy"]
+    finished = sorted((tmp_path / "store" / ".build" / "base").glob("*.npy"))
+    assert [p.name for p in finished] == ["000000.npy", "000001.npy"]
 
     written = []
     real_save = store_module._save_npy
@@ -397,10 +400,45 @@ def test_a_resumed_build_skips_finished_shards_and_refuses_another_config(
     other = BuildConfig(**{**config.__dict__, "seed": 1})
     with pytest.raises(DelvmError, match="unfinished build with a different config"):
         Builder(other, tokenizer).run()
-    Builder(config, tokenizer).run()
-    assert "base-000000.npy" not in written and "base-000001.npy" not in written
-    assert "base-000002.npy" in written
+    write_pairs(tmp_path / "more", 1, seed=9)  # a file added since: shards would shift
+    for name in ("input", "target"):
+        (tmp_path / "more" / name / "im000.png").rename(root / name / "new.png")
+    with pytest.raises(DelvmError, match=r"now list \[11\] files or records.*listed \[10\]"):
+        Builder(config, tokenizer).run()
+    for name in ("input", "target"):
+        (root / name / "new.png").unlink()
+    Builder(BuildConfig(**{**config.__dict__, "workers": 2}), tokenizer).run()  # workers may differ
+    assert "000000.npy" not in written and "000001.npy" not in written
+    assert "000002.npy" in written
     assert open_store(tmp_path / "store").tasks["derain"].num_examples == 10
+
+
+def test_a_unit_that_raises_anything_is_skipped_with_the_error(
+    tmp_path, tokenizer_dir, monkeypatch
+):
+    from delvm.data.sources import paired
+
+    root = write_pairs(tmp_path / "pairs", 4, seed=10)
+    real_read = paired._read_pair
+
+    def read_pair(unit, **settings):
+        if unit[0].name == "im001.png":
+            raise MemoryError("decoder ran out of memory\non two lines")
+        yield from real_read(unit, **settings)
+
+    monkeypatch.setattr(paired, "_read_pair", read_pair)
+    config = BuildConfig(out=str(tmp_path / "store"), tokenizer=str(tokenizer_dir), workers=2,
+                         sources=[{"format": "paired", "root": str(root)}])  # fmt: skip
+    report = Builder(config, load_tokenizer(tokenizer_dir)).run()
+    (skipped,) = report["sources"][0]["skipped"]
+    assert skipped == {
+        "file": str(root / "input" / "im001.png"),
+        "reason": "unexpected error reading it "
+        "(MemoryError: decoder ran out of memory on two lines)",
+    }
+    assert [Path(s).name for s in open_store(config.out).tasks["derain"].sources] == [
+        "im000.png", "im002.png", "im003.png"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["toyworld.toml", "real_formats.toml"])
@@ -438,23 +476,49 @@ def build_case(tmp_path_factory, tokenizer_dir):
     return config, base / "reference"
 
 
+def test_worker_processes_build_the_same_store_as_one_process(tmp_path, build_case):
+    config, reference = build_case
+    tokenizer = load_tokenizer(load_build_config(config).tokenizer)
+    Builder(load_build_config(config, out=str(tmp_path / "workers"), workers=2), tokenizer).run()
+    assert files_of(tmp_path / "workers") == files_of(reference)
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--standalone", "-m", "delvm.cli", *args]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_sigkilled_build_resumes_to_a_byte_identical_store(tmp_path, build_case):
+@pytest.mark.parametrize(
+    "kill_after, resume_with",
+    [("base/000002.json", []), ("copies/000012.json", ["torchrun", "--workers", "2"])],
+)
+def test_sigkilled_build_resumes_to_a_byte_identical_store(
+    tmp_path, build_case, kill_after, resume_with
+):
+    """Killed in the base pass (resumed alike) or in the copies pass (resumed by 2 ranks with 2
+    workers each: the shards a killed build left do not depend on who made them)."""
     config, reference = build_case
     out = tmp_path / "killed"
-    command = [*BUILD, str(config), "--out", str(out), "--device", "cpu"]
-    victim = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+    args = ["data", "build", str(config), "--out", str(out), "--device", "cpu"]
+    victim = subprocess.Popen([*BUILD, *args[2:]], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)  # fmt: skip
-    marker = out / ".build" / "big" / "base-000002.json"
+    marker = out / ".build" / kill_after
     deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline and victim.poll() is None:
         time.sleep(0.005)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert not (out / "manifest.json").exists(), "the build must be killed part-way"
+    assert marker.exists() and not (out / "manifest.json").exists(), "killed part-way"
     done = len(list((out / ".build").glob("*/*.json")))
-    resumed = subprocess.run(command, env=ENV, cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    if resume_with[:1] == ["torchrun"]:
+        command = torchrun(*args, *resume_with[1:])
+    else:
+        command = [*BUILD, *args[2:], *resume_with]
+    resumed = subprocess.run(
+        command, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{done} finished shards kept" in resumed.stdout
     assert files_of(out) == files_of(reference)
 
@@ -462,9 +526,8 @@ def test_sigkilled_build_resumes_to_a_byte_identical_store(tmp_path, build_case)
 @pytest.mark.slow
 def test_two_torchrun_ranks_build_the_same_store_as_one_process(tmp_path, build_case):
     config, reference = build_case
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--standalone", "-m", "delvm.cli", "data", "build", str(config),
-               "--out", str(tmp_path / "two"), "--device", "cpu"]  # fmt: skip
+    command = torchrun("data", "build", str(config), "--out", str(tmp_path / "two"),
+                       "--device", "cpu", "--workers", "1")  # fmt: skip
     result = subprocess.run(command, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert files_of(tmp_path / "two") == files_of(reference)

@@ -13,36 +13,40 @@ crop), then, under `augment` balancing, N augmented copies of each (copies 1..N)
 tokenization with one shared crop/flip per example. The sampler keeps every copy of an original on
 the same side of the held-out split by the id in TASK.rows.npy.
 
-`delvm data build CONFIG` (see `BuildConfig`) works in shards: per task, fixed-size chunks of
-original examples in source order, each written atomically with its checksum into STORE/.build/.
-A killed build continues at the first unfinished shard; finished shards are never rewritten; the
-finished store is byte-identical to an uninterrupted build. Under torchrun, ranks take disjoint
-shards and rank 0 assembles the store once every shard exists.
+`delvm data build CONFIG` (see `BuildConfig`, `Builder`) works in shards: fixed-size runs of a
+source's units (files or records), each written atomically with its checksum into STORE/.build/.
+Under torchrun, each rank lists every source but reads, decodes and encodes only its own shards;
+within a rank, DataLoader worker processes decode while the rank encodes; rank 0 assembles. A
+killed build continues at the unfinished shards; finished shards are never rewritten. The store
+is byte-identical whatever the number of ranks and workers, and whether the build was killed.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
-import math
 import re
 import shutil
 import time
 import tomllib
-import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from delvm.configs import find_config
 from delvm.data.augment import AugmentConfig, augment_example, resize_example
 from delvm.data.example import Example, Skipped
-from delvm.data.sources import SOURCES
-from delvm.data.sources.common import example_seed
+from delvm.data.sources import SOURCES, open_source
+from delvm.data.sources.common import Source, example_seed, unit_path
 from delvm.errors import DelvmError
 from delvm.fileio import atomic_write, read_json, write_json
 from delvm.tokenizer import VQGAN, load_tokenizer
@@ -215,7 +219,8 @@ def write_store(
     for name, arrays in sorted(tasks.items()):
         if not TASK_NAME.fullmatch(name):
             raise DelvmError(f"task name {name!r}: use letters, digits, _ . -")
-        _write_task(folder, name, [arrays.tokens], arrays.rows, arrays.sources, dtype)
+        tokens = arrays.tokens
+        _write_task(folder, name, [tokens], tokens.shape, arrays.rows, arrays.sources, dtype)
         infos[name] = _task_info(arrays.rows, arrays.tokens.shape[1], len(arrays.sources))
     write_json(folder / REPORT, report or {})
     _write_manifest(folder, tokenizer, balance, infos, {})
@@ -234,13 +239,14 @@ def _task_info(rows: np.ndarray, images_per_example: int, examples: int) -> dict
 def _write_task(
     folder: Path,
     name: str,
-    chunks: list[np.ndarray],
+    chunks: Iterable[np.ndarray],
+    shape: tuple[int, int, int],
     rows: np.ndarray,
     sources: list[str],
     dtype: np.dtype,
 ) -> None:
-    """TASK.tokens.npy from `chunks` (stacked in order, streamed), TASK.rows.npy, .origins.json."""
-    shape = (sum(len(c) for c in chunks), *chunks[0].shape[1:])
+    """TASK.tokens.npy of `shape` from `chunks` (stacked in order, streamed), TASK.rows.npy,
+    TASK.origins.json."""
     if shape[0] != len(rows):
         raise ValueError(f"task {name}: {shape[0]} token rows but {len(rows)} row records")
 
@@ -250,6 +256,8 @@ def _write_task(
         for chunk in chunks:
             out[start : start + len(chunk)] = chunk
             start += len(chunk)
+        if start != shape[0]:
+            raise ValueError(f"task {name}: {start} token rows written, {shape[0]} expected")
         out.flush()
         del out
 
@@ -293,8 +301,11 @@ class BuildConfig:
     augment: RandomResizedCrop / flip settings for every task (AugmentConfig fields but `size`).
     tasks: per-task overrides: {"pose": {augment = {hflip = 0.0}, copies = 5}}.
     image_size: side of the tokenized images; 0 = the tokenizer's resolution.
-    shard_size: original examples per shard (the unit of resume and of work per rank).
+    shard_size: units per shard (files or records of one source: an image pair, an SA-1B
+        JSON, a COCO image, a video); shards are the unit of resume and of work per rank.
     batch_size: examples per encoder call.
+    workers: decoding processes per rank (0: decode in the rank's own process). Neither this
+        nor the number of ranks changes the store, so a resumed build may use others.
     """
 
     out: str = ""
@@ -306,6 +317,7 @@ class BuildConfig:
     image_size: int = 0
     shard_size: int = 256
     batch_size: int = 32
+    workers: int = 0
     max_copies: int = 32
     seed: int = 0
     bf16: bool = False
@@ -326,8 +338,8 @@ class BuildConfig:
         for name in ("shard_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise DelvmError(f"build config {name} = {getattr(self, name)}: must be >= 1")
-        if self.max_copies < 0 or self.image_size < 0:
-            raise DelvmError("build config max_copies and image_size must be >= 0")
+        if self.max_copies < 0 or self.image_size < 0 or self.workers < 0:
+            raise DelvmError("build config max_copies, image_size and workers must be >= 0")
         for task, settings in self.tasks.items():
             unknown = sorted(set(settings) - {"augment", "copies"})
             if unknown:
@@ -375,60 +387,165 @@ def copy_seed(seed: int, task: str, origin: int, copy: int) -> int:
     return example_seed(seed, f"{task}/{origin}#{copy}")
 
 
-class ShardWriter:
-    """One shard: collects examples, encodes them `batch_size` at a time, writes atomically.
+@dataclass(frozen=True)
+class ShardSpec:
+    """Units start..stop of source `source`: the unit of resume and of work per rank."""
 
-    The array is written before its JSON, so a shard whose JSON exists is complete.
+    number: int  # over all sources, in source order
+    source: int
+    start: int
+    stop: int
+
+
+# One unit's work: (source index, unit, picks). picks is None in the base pass; in the copies
+# pass, (position of the example among the unit's items, its source, task, origin id, copies to
+# make) for each example of a tail task.
+Job = tuple[int, Any, list[tuple[int, str, str, int, int]] | None]
+
+
+class Decoder(Dataset):
+    """Jobs -> image-size examples: reading, rendering, resizing and augmentation, the work a
+    rank's DataLoader workers do while the rank encodes. Job i gives one list of records:
+
+    base pass:   ("skip", {"file", "reason"}, None) or
+                 ("example", {"task", "source", "images"}, uint8 [images, size, size, 3])
+    copies pass: ("copy", [task, origin, copy], uint8 [images, size, size, 3])
+
+    A unit whose reading raises anything is one "skip" record naming the error: one bad file
+    never stops a build. Every random draw is seeded by the example's identity, so the records
+    do not depend on which process made them.
     """
 
     def __init__(
-        self, stem: Path, encode: Callable[[list[list[np.ndarray]]], np.ndarray], batch_size: int
+        self,
+        sources: list[Source],
+        jobs: list[Job],
+        size: int,
+        augment: dict[str, AugmentConfig],
+        seed: int,
+    ):
+        # Readers without their unit lists: a worker touches only the units of its jobs.
+        self.sources = [replace(source, units=[]) for source in sources]
+        self.jobs, self.size, self.augment, self.seed = jobs, size, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> list[tuple]:
+        source, unit, picks = self.jobs[index]
+        items = self.sources[source].read_unit(unit)
+        try:
+            return self._base(items) if picks is None else self._copies(items, picks)
+        except Exception as err:  # any failure while reading one unit is that unit's
+            why = " ".join(f"{type(err).__name__}: {err}".split())
+            reason = f"unexpected error reading it ({why})"
+            return [("skip", {"file": unit_path(unit), "reason": reason}, None)]
+
+    def _base(self, items: Iterator[Example | Skipped]) -> list[tuple]:
+        records = []
+        for item in items:
+            if isinstance(item, Skipped):
+                records.append(("skip", {"file": item.source, "reason": item.reason}, None))
+            elif len({image.shape for image in item.images}) != 1:
+                reason = "images of the example differ in size"
+                records.append(("skip", {"file": item.source, "reason": reason}, None))
+            else:
+                meta = {"task": item.task, "source": item.source, "images": len(item.images)}
+                images = np.stack(resize_example(item, self.size).images)
+                records.append(("example", meta, images))
+        return records
+
+    def _copies(self, items: Iterator[Example | Skipped], picks: list) -> list[tuple]:
+        wanted = {position: pick for position, *pick in picks}
+        records = []
+        for position, item in enumerate(items):
+            if position not in wanted:
+                continue
+            source, task, origin, copies = wanted.pop(position)
+            if not isinstance(item, Example) or item.source != source:
+                raise DelvmError(f"{source}: no longer the example the first pass read")
+            for copy in range(1, copies + 1):
+                seed = copy_seed(self.seed, task, origin, copy)
+                images = np.stack(augment_example(item, self.augment[task], seed).images)
+                records.append(("copy", [task, origin, copy], images))
+            if not wanted:
+                break
+        if wanted:
+            raise DelvmError("fewer examples than the first pass read")
+        return records
+
+
+def _as_is(records: list[tuple]) -> list[tuple]:
+    return records  # the DataLoader's collate step: records stay as the Decoder made them
+
+
+class ShardWriter:
+    """One shard: examples' images in, tokens out, `batch_size` examples per encoder call.
+
+    Written atomically, the array [images, h*w] before its JSON, so a shard whose JSON exists is
+    complete. Batches never cross shards: a shard's tokens do not depend on who encoded it.
+    """
+
+    def __init__(
+        self,
+        stem: Path,
+        encode: Callable[[np.ndarray], np.ndarray],
+        batch_size: int,
+        empty: np.ndarray,
     ):
         self.stem, self.encode, self.batch_size = stem, encode, batch_size
-        self.pending: list[list[np.ndarray]] = []
-        self.tokens: list[np.ndarray] = []
-        self.rows: list[tuple[int, int]] = []
-        self.originals = 0
+        self.pending: list[np.ndarray] = []  # [images, S, S, 3] per example
+        self.tokens: list[np.ndarray] = [empty]
 
-    def add(self, origin: int, copies: Iterable[tuple[int, Example]]) -> None:
-        """The rows made from original example `origin`: (copy index, example) pairs."""
-        self.originals += 1
-        for copy, example in copies:
-            self.pending.append(example.images)
-            self.rows.append((origin, copy))
-            if len(self.pending) == self.batch_size:
-                self._flush()
+    def add(self, images: np.ndarray) -> None:
+        self.pending.append(images)
+        if len(self.pending) == self.batch_size:
+            self._flush()
 
     def _flush(self) -> None:
         if self.pending:
-            self.tokens.append(self.encode(self.pending))
+            self.tokens.append(self.encode(np.concatenate(self.pending)))
             self.pending = []
 
-    def finish(self) -> None:
+    def finish(self, meta: dict) -> None:
         self._flush()
         self.stem.parent.mkdir(parents=True, exist_ok=True)
         npy = self.stem.with_suffix(".npy")
         _save_npy(npy, np.concatenate(self.tokens))
-        write_json(self.stem.with_suffix(".json"), {"rows": self.rows, "sha256": sha256_file(npy)})
+        write_json(self.stem.with_suffix(".json"), {**meta, "sha256": sha256_file(npy)})
 
 
 @dataclass
 class SourceStats:
-    """What one configured source yielded in the first pass."""
+    """What one configured source gave in the base pass."""
 
     examples: dict[str, int] = field(default_factory=dict)  # task -> examples
     skipped: list[dict] = field(default_factory=list)  # {"file", "reason"}
 
 
 @dataclass
-class PassResult:
+class Plan:
+    """The base pass read back from its shards, in shard order (the same in every rank)."""
+
     counts: dict[str, int] = field(default_factory=dict)  # task -> original examples
-    origins: dict[str, list[str]] = field(default_factory=dict)  # task -> source of each
+    images_per_example: dict[str, int] = field(default_factory=dict)
     sources: list[SourceStats] = field(default_factory=list)
+    before: list[dict[str, int]] = field(default_factory=list)  # per shard: task -> examples
+    origins: dict[str, list[str]] = field(default_factory=dict)  # rank 0 only: task -> sources
+
+    def kept(self, item: dict) -> bool:
+        """An example (not a skip) with as many images as its task's first example."""
+        return "task" in item and item["images"] == self.images_per_example[item["task"]]
 
 
 class Builder:
-    """Sources -> resized (and augmented) examples -> tokens -> shards -> the store."""
+    """Sources -> resized (and augmented) examples -> tokens -> shards -> the store.
+
+    Two passes over shards of units: "base" (every example, resized) and, once every rank has
+    finished it, "copies" (augmented copies of tail-task examples, whose number depends on every
+    task's count). Each rank takes every world_size-th shard; within a rank the Decoder's work
+    runs in `config.workers` DataLoader processes while the rank encodes. Rank 0 assembles.
+    """
 
     def __init__(self, config: BuildConfig, tokenizer: VQGAN, shard: Shard | None = None):
         self.config, self.tokenizer, self.shard = config, tokenizer, shard or Shard()
@@ -444,10 +561,9 @@ class Builder:
         self.grid = self.size // factor
         self.dtype = token_dtype(tokenizer.num_codes)
         self.encode_seconds = 0.0
-        self.images_per_example: dict[str, int] = {}
-        # Validate every augmentation setting now, not hours into a build.
-        self.augment = {t: config.augment_config(t, self.size) for t in config.tasks}
-        config.augment_config("", self.size)
+        config.augment_config("", self.size)  # every augmentation setting checked now
+        for task in config.tasks:
+            config.augment_config(task, self.size)
 
     @property
     def is_main(self) -> bool:
@@ -459,42 +575,70 @@ class Builder:
         """Build (or finish building) the store; returns the report."""
         if (self.out / MANIFEST).is_file():
             raise DelvmError(f"{self.out}: already a finished store; choose a new `out` folder")
-        self._claim()
         start = time.perf_counter()
+        self.sources = [self._list(index) for index in range(len(self.config.sources))]
+        self.shards = self._shards()
+        self._claim()
         done = len(list(self.work.glob("*/*.json")))
         if done and self.is_main:
             print(f"resuming {self.out}: {done} finished shards kept")
-        base = self._pass("base", range(len(self.config.sources)), {}, None)
-        self._check(base)
-        copies = self.copies(base.counts)
-        tails = [i for i, s in enumerate(base.sources) if any(copies[t] for t in s.examples)]
-        self._pass("copies", tails, copies, sum(base.counts[t] for t in copies if copies[t]))
-        report = self.report(base, copies)
+        self._pass("base", self._base_jobs)
+        self._sync()
+        plan = self._plan()
+        self._check(plan)
+        copies = self.copies(plan)
+        self._pass("copies", lambda shard: self._copy_jobs(shard, plan, copies))
+        self._sync()
+        report = self.report(plan, copies)
         if self.is_main:
-            self._wait_for_shards(base.counts, copies)
-            self._assemble(base, copies, report)
+            self._assemble(plan, copies, report)
             shutil.rmtree(self.work)
-        report["seconds"] = {
-            "total": time.perf_counter() - start,
-            "encode": self.encode_seconds,
-        }
+        report["seconds"] = {"total": time.perf_counter() - start, "encode": self.encode_seconds}
         return report
 
+    def _list(self, index: int) -> Source:
+        try:
+            return open_source(self.config.sources[index])
+        except DelvmError as err:
+            raise DelvmError(f"build config sources[{index}]: {err}") from None
+
+    def _shards(self) -> list[ShardSpec]:
+        shards, size = [], self.config.shard_size
+        for index, source in enumerate(self.sources):
+            for start in range(0, len(source.units), size):
+                stop = min(start + size, len(source.units))
+                shards.append(ShardSpec(len(shards), index, start, stop))
+        return shards
+
     def _claim(self) -> None:
-        """Record what is being built; a resumed build must be the same build."""
-        plan = {"config": asdict(self.config), "tokenizer": self.identity()}
-        plan["config"].pop("out")
+        """Record what is being built; a resumed build must be the same build, of the same files."""
+        config = asdict(self.config)
+        for key in ("out", "workers"):  # neither changes the store
+            config.pop(key)
+        plan = {
+            "config": config,
+            "tokenizer": self.identity(),
+            "units": [len(source.units) for source in self.sources],
+        }
         plan = json.loads(json.dumps(plan))  # tuples compare as the lists JSON gives back
         self.work.mkdir(parents=True, exist_ok=True)
         path = self.work / "plan.json"
-        if path.is_file():
-            if read_json(path) != plan:
-                raise DelvmError(
-                    f"{self.out}: an unfinished build with a different config or tokenizer is "
-                    f"here; rerun it with the same ones, or delete {self.work} to start over"
-                )
-        else:
+        if not path.is_file():
             write_json(path, plan)
+            return
+        claimed = read_json(path)
+        same_config = {**claimed, "units": None} == {**plan, "units": None}
+        if same_config and claimed["units"] != plan["units"]:
+            raise DelvmError(
+                f"{self.out}: the sources now list {plan['units']} files or records, the "
+                f"unfinished build listed {claimed['units']}; restore the files, or delete "
+                f"{self.work} to start over"
+            )
+        if claimed != plan:
+            raise DelvmError(
+                f"{self.out}: an unfinished build with a different config or tokenizer is "
+                f"here; rerun it with the same ones, or delete {self.work} to start over"
+            )
 
     def identity(self) -> dict:
         return {
@@ -503,105 +647,133 @@ class Builder:
             "path": self.config.tokenizer,
         }
 
-    def _items(self, index: int) -> Iterator[Example | Skipped]:
-        """Source `index`'s items; examples the store cannot hold become Skipped."""
-        spec = dict(self.config.sources[index])
-        fmt = spec.pop("format")
-        try:
-            items = SOURCES[fmt](**spec)
-        except TypeError as err:
-            raise DelvmError(f"build config sources[{index}] ({fmt}): {err}") from None
-        for item in items:
-            if isinstance(item, Example):
-                item = self._validate(item)
-            yield item
+    def _mine(self, shard: ShardSpec) -> bool:
+        return shard.number % self.shard.world_size == self.shard.rank
 
-    def _validate(self, example: Example) -> Example | Skipped:
-        if not TASK_NAME.fullmatch(example.task):
-            raise DelvmError(
-                f"task name {example.task!r} (from {example.source}): use letters, digits, _ . -"
-            )
-        count = self.images_per_example.setdefault(example.task, len(example.images))
-        if len(example.images) != count:
-            return Skipped(
-                example.source,
-                f"{len(example.images)} images, but task {example.task} has {count} per example",
-            )
-        if len({image.shape for image in example.images}) != 1:
-            return Skipped(example.source, "images of the example differ in size")
-        return example
+    def _stem(self, kind: str, shard: ShardSpec) -> Path:
+        return self.work / kind / f"{shard.number:06d}"
 
-    def _pass(
-        self, kind: str, sources: Iterable[int], copies: dict[str, int], total: int | None
-    ) -> PassResult:
-        """One pass over `sources`: this rank's unfinished shards of `kind` get built.
+    def _meta(self, kind: str, shard: ShardSpec) -> dict:
+        return read_json(self._stem(kind, shard).with_suffix(".json"))
 
-        kind "base": copy 0 of every example; "copies": copies 1..N of tail-task examples.
-        Every rank reads every source (sources are sequential), but only encodes its shards.
-        """
-        result, writers = PassResult(), {}
-        bar = tqdm(total=total, desc=f"{kind} examples", unit="ex", disable=not self.is_main)
-        for index in sources:
-            stats = SourceStats()
-            result.sources.append(stats)
-            for item in self._items(index):
-                if isinstance(item, Skipped):
-                    stats.skipped.append({"file": item.source, "reason": item.reason})
-                    continue
-                task = item.task
-                origin = result.counts.get(task, 0)
-                result.counts[task] = origin + 1
-                stats.examples[task] = stats.examples.get(task, 0) + 1
-                result.origins.setdefault(task, []).append(item.source)
-                if kind == "copies" and not copies[task]:
-                    continue
-                bar.update()
-                number = origin // self.config.shard_size
-                stem = self.work / task / f"{kind}-{number:06d}"
-                if not self._mine(task, number) or stem.with_suffix(".json").exists():
-                    continue
-                writer = writers.setdefault(
-                    (task, number), ShardWriter(stem, self._encode, self.config.batch_size)
-                )
-                writer.add(origin, self._rows(kind, item, origin, copies))
-                if writer.originals == self.config.shard_size:
-                    writer.finish()
-                    del writers[(task, number)]
-        for writer in writers.values():  # each task's last, partly filled shard
-            writer.finish()
-        bar.close()
-        return result
+    def _sync(self) -> None:
+        """Every rank waits here for the others (a no-op in a world of one)."""
+        if self.shard.world_size > 1:
+            dist.barrier()
 
-    def _rows(
-        self, kind: str, example: Example, origin: int, copies: dict[str, int]
-    ) -> Iterator[tuple[int, Example]]:
-        """(copy index, image-size example) pairs made from one original example."""
-        if kind == "base":
-            yield 0, resize_example(example, self.size)
+    def _pass(self, kind: str, jobs_of: Callable[[ShardSpec], list[Job]]) -> None:
+        """This rank's unfinished shards of `kind`: decoded in workers, encoded here, written."""
+        done = {p.stem for p in (self.work / kind).glob("*.json")}
+        todo = [s for s in self.shards if self._mine(s) and self._stem(kind, s).name not in done]
+        jobs = {shard.number: jobs_of(shard) for shard in todo}
+        todo = [shard for shard in todo if jobs[shard.number]]
+        if not todo:
             return
-        for copy in range(1, copies[example.task] + 1):
-            seed = copy_seed(self.config.seed, example.task, origin, copy)
-            yield copy, augment_example(example, self._augment(example.task), seed)
+        decoder = Decoder(
+            self.sources,
+            [job for shard in todo for job in jobs[shard.number]],
+            self.size,
+            {task: self.config.augment_config(task, self.size) for task in self._tasks(jobs)},
+            self.config.seed,
+        )
+        loader = DataLoader(
+            decoder, batch_size=None, num_workers=self.config.workers, collate_fn=_as_is
+        )
+        # Workers fork from here and share this process's objects; frozen, the collector in a
+        # worker leaves them (and their memory pages) alone instead of copying them all.
+        gc.freeze()
+        results = iter(loader)
+        gc.unfreeze()
+        bar = tqdm(total=len(decoder), desc=f"{kind} units", unit="unit", disable=not self.is_main)
+        empty = np.zeros((0, self.grid**2), self.dtype)
+        for shard in todo:
+            stem = self._stem(kind, shard)
+            writer = ShardWriter(stem, self._encode, self.config.batch_size, empty)
+            units, rows = [], []
+            for _ in jobs[shard.number]:
+                items = []
+                for record, meta, images in next(results):
+                    if kind == "copies" and record == "skip":
+                        raise DelvmError(
+                            f"{meta['file']}: {meta['reason']} in the copies pass, though the base "
+                            f"pass read it; restore it, or delete {self.work} to start over"
+                        )
+                    if record == "example" and not TASK_NAME.fullmatch(meta["task"]):
+                        raise DelvmError(
+                            f"task name {meta['task']!r} (from {meta['source']}): use letters, "
+                            "digits, _ . -"
+                        )
+                    (rows if kind == "copies" else items).append(meta)
+                    if images is not None:
+                        writer.add(images)
+                units.append(items)
+                bar.update()
+            writer.finish({"units": units} if kind == "base" else {"rows": rows})
+        bar.close()
 
-    def _augment(self, task: str) -> AugmentConfig:
-        if task not in self.augment:
-            self.augment[task] = self.config.augment_config(task, self.size)
-        return self.augment[task]
+    def _base_jobs(self, shard: ShardSpec) -> list[Job]:
+        units = self.sources[shard.source].units[shard.start : shard.stop]
+        return [(shard.source, unit, None) for unit in units]
 
-    def _mine(self, task: str, number: int) -> bool:
-        """Shards go round-robin over ranks, each task starting at its own rank."""
-        return (number + zlib.crc32(task.encode())) % self.shard.world_size == self.shard.rank
+    @staticmethod
+    def _tasks(jobs: dict[int, list[Job]]) -> set[str]:
+        """The tasks the copies jobs augment."""
+        picks = [pick for shard_jobs in jobs.values() for *_, unit_picks in shard_jobs
+                 for pick in unit_picks or []]  # fmt: skip
+        return {task for _, _, task, _, _ in picks}
 
-    def _encode(self, examples: list[list[np.ndarray]]) -> np.ndarray:
+    def _encode(self, images: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
-        images = torch.from_numpy(np.stack([image for ex in examples for image in ex]))
-        ids = self.tokenizer.encode(images, bf16=self.config.bf16)
+        ids = self.tokenizer.encode(torch.from_numpy(images), bf16=self.config.bf16)
         self.encode_seconds += time.perf_counter() - start
-        return ids.cpu().numpy().astype(self.dtype).reshape(len(examples), len(examples[0]), -1)
+        return ids.cpu().numpy().astype(self.dtype)
 
-    def _check(self, base: PassResult) -> None:
+    def _plan(self) -> Plan:
+        """Counts, images per example and each shard's first origin ids, from the base shards."""
+        plan = Plan(sources=[SourceStats() for _ in self.sources])
+        for shard in self.shards:
+            plan.before.append(dict(plan.counts))
+            stats = plan.sources[shard.source]
+            for items in self._meta("base", shard)["units"]:
+                for item in items:
+                    if "task" not in item:
+                        stats.skipped.append(item)
+                        continue
+                    task, images = item["task"], item["images"]
+                    expected = plan.images_per_example.setdefault(task, images)
+                    if images != expected:
+                        reason = f"{images} images, but task {task} has {expected} per example"
+                        stats.skipped.append({"file": item["source"], "reason": reason})
+                        continue
+                    plan.counts[task] = plan.counts.get(task, 0) + 1
+                    stats.examples[task] = stats.examples.get(task, 0) + 1
+                    if self.is_main:
+                        plan.origins.setdefault(task, []).append(item["source"])
+        return plan
+
+    def _copy_jobs(self, shard: ShardSpec, plan: Plan, copies: dict[str, int]) -> list[Job]:
+        """The units of `shard` holding tail-task examples, each with its examples' picks."""
+        if not any(copies.values()):
+            return []
+        seen, jobs = dict(plan.before[shard.number]), []
+        units = self.sources[shard.source].units[shard.start : shard.stop]
+        for unit, items in zip(units, self._meta("base", shard)["units"], strict=True):
+            picks = []
+            for position, item in enumerate(items):
+                if not plan.kept(item):
+                    continue
+                task = item["task"]
+                origin = seen.get(task, 0)
+                seen[task] = origin + 1
+                if copies[task]:
+                    picks.append((position, item["source"], task, origin, copies[task]))
+            if picks:
+                jobs.append((shard.source, unit, picks))
+        return jobs
+
+    def _check(self, plan: Plan) -> None:
         """A source with no usable example, or a configured task no source has, is an error."""
-        for index, stats in enumerate(base.sources):
+        for index, stats in enumerate(plan.sources):
             if not stats.examples:
                 spec = self.config.sources[index]
                 first = stats.skipped[0] if stats.skipped else None
@@ -610,17 +782,17 @@ class Builder:
                     f"build config sources[{index}] ({spec['format']}): no usable examples "
                     f"({len(stats.skipped)} skipped; {why}); fix its settings or files"
                 )
-        missing = sorted(set(self.config.tasks) - set(base.counts))
+        missing = sorted(set(self.config.tasks) - set(plan.counts))
         if missing:
             raise DelvmError(
                 f"build config tasks {missing}: no source yields them; fix the sources' `task`"
             )
 
-    def copies(self, counts: dict[str, int]) -> dict[str, int]:
+    def copies(self, plan: Plan) -> dict[str, int]:
         """Augmented copies per example of each task (0 unless balance is `augment`)."""
         if self.config.balance != "augment":
-            return {task: 0 for task in counts}
-        tokens = {t: n * self.images_per_example[t] for t, n in counts.items()}
+            return {task: 0 for task in plan.counts}
+        tokens = {t: n * plan.images_per_example[t] for t, n in plan.counts.items()}
         largest = max(tokens.values())
         out = {}
         for task, n in tokens.items():
@@ -628,11 +800,11 @@ class Builder:
             out[task] = self.config.tasks.get(task, {}).get("copies", auto)
         return out
 
-    def report(self, base: PassResult, copies: dict[str, int]) -> dict:
+    def report(self, plan: Plan, copies: dict[str, int]) -> dict:
         per_image = self.grid**2
         tasks = {}
-        for task in sorted(base.counts):
-            n, ipe = base.counts[task], self.images_per_example[task]
+        for task in sorted(plan.counts):
+            n, ipe = plan.counts[task], plan.images_per_example[task]
             rows = n * (1 + copies[task])
             tasks[task] = {
                 "examples": n,
@@ -644,58 +816,87 @@ class Builder:
             }
         sources = [
             {"source": self.config.sources[i], **asdict(stats)}
-            for i, stats in enumerate(base.sources)
+            for i, stats in enumerate(plan.sources)
         ]
         return {"balance": self.config.balance, "tasks": tasks, "sources": sources}
 
-    def _expected(self, counts: dict[str, int], copies: dict[str, int]) -> list[Path]:
-        paths = []
-        for task, n in sorted(counts.items()):
-            kinds = ["base", "copies"] if copies[task] else ["base"]
-            for kind in kinds:
-                for number in range(math.ceil(n / self.config.shard_size)):
-                    paths.append(self.work / task / f"{kind}-{number:06d}.json")
-        return paths
+    def _tokens(self, kind: str, shard: ShardSpec, meta: dict) -> np.ndarray:
+        npy = self._stem(kind, shard).with_suffix(".npy")
+        if sha256_file(npy) != meta["sha256"]:
+            raise DelvmError(
+                f"{npy}: shard changed since it was written; delete it and its .json, then "
+                "rerun the build"
+            )
+        return _load_npy(npy)
 
-    def _wait_for_shards(self, counts: dict[str, int], copies: dict[str, int]) -> None:
-        """Rank 0 waits on the files themselves: shard work is uneven and can outlast a
-        collective's timeout; torchrun stops every rank if one fails."""
-        expected = self._expected(counts, copies)
-        waited = False
-        while missing := [p for p in expected if not p.exists()]:
-            if not waited:
-                print(f"waiting for {len(missing)} shards from other ranks")
-                waited = True
-            time.sleep(0.5)
+    def _task_rows(self, task: str, plan: Plan, copies: dict[str, int]) -> Iterator[np.ndarray]:
+        """The task's token rows in store order: originals, then each original's copies."""
+        ipe, n = plan.images_per_example[task], plan.counts[task]
 
-    def _assemble(self, base: PassResult, copies: dict[str, int], report: dict) -> None:
+        def gather(tokens: np.ndarray, starts: list[int]) -> np.ndarray:
+            index = (np.asarray(starts)[:, None] + np.arange(ipe)).reshape(-1)
+            return tokens[index].reshape(len(starts), ipe, -1)
+
+        for shard in self.shards:
+            meta, starts, offset = self._meta("base", shard), [], 0
+            for item in (item for items in meta["units"] for item in items if "task" in item):
+                if plan.kept(item) and item["task"] == task:
+                    starts.append(offset)
+                offset += item["images"]
+            if starts:
+                yield gather(self._tokens("base", shard, meta), starts)
+        if not copies[task]:
+            return
+        expected = ((origin, copy) for origin in range(n) for copy in range(1, copies[task] + 1))
+        for shard in self.shards:
+            if not self._copy_jobs(shard, plan, copies):
+                continue
+            meta, starts, offset = self._meta("copies", shard), [], 0
+            for row_task, origin, copy in meta["rows"]:
+                if row_task == task:
+                    if (origin, copy) != next(expected):
+                        raise DelvmError(
+                            f"{self._stem('copies', shard)}.json: rows out of order; delete "
+                            f"{self.work} and rebuild"
+                        )
+                    starts.append(offset)
+                offset += plan.images_per_example[row_task]
+            if starts:
+                yield gather(self._tokens("copies", shard, meta), starts)
+
+    def _assemble(self, plan: Plan, copies: dict[str, int], report: dict) -> None:
         infos = {}
-        for task in sorted(base.counts):
-            stems = [p.with_suffix("") for p in self._expected({task: base.counts[task]}, copies)]
-            chunks, rows = [], []
-            for stem in stems:
-                meta = read_json(stem.with_suffix(".json"))
-                npy = stem.with_suffix(".npy")
-                if sha256_file(npy) != meta["sha256"]:
-                    raise DelvmError(
-                        f"{npy}: shard changed since it was written; delete it and its .json, "
-                        "then rerun the build"
-                    )
-                chunks.append(_load_npy(npy))
-                rows.extend(meta["rows"])
-            rows = np.array(rows, dtype=np.int64).reshape(-1, 2)
-            _write_task(self.out, task, chunks, rows, base.origins[task], self.dtype)
-            infos[task] = _task_info(rows, self.images_per_example[task], base.counts[task])
+        for task in sorted(plan.counts):
+            n, ipe, extra = plan.counts[task], plan.images_per_example[task], copies[task]
+            rows = np.array(
+                [(o, 0) for o in range(n)]
+                + [(o, c) for o in range(n) for c in range(1, extra + 1)],
+                dtype=np.int64,
+            ).reshape(-1, 2)
+            shape = (len(rows), ipe, self.grid**2)
+            chunks = self._task_rows(task, plan, copies)
+            _write_task(self.out, task, chunks, shape, rows, plan.origins[task], self.dtype)
+            infos[task] = _task_info(rows, ipe, n)
         write_json(self.out / REPORT, report)
         build = {"sources": self.config.sources, "image_size": self.size, "seed": self.config.seed}
         _write_manifest(self.out, self.identity(), self.config.balance, infos, build)
 
 
 def build_store(config: BuildConfig, device: str | torch.device = "cpu") -> dict:
-    """Build the store `config` describes (resuming an unfinished one); returns the report."""
+    """Build the store `config` describes (resuming an unfinished one); returns the report.
+
+    Under torchrun, every rank runs this; they meet at a gloo barrier between the passes.
+    """
     shard = Shard.from_env()
     tokenizer = load_tokenizer(config.tokenizer, device)
-    return Builder(config, tokenizer, shard).run()
+    joined = shard.world_size > 1 and not dist.is_initialized()
+    if joined:  # a pass can take hours: the barrier must not time out before the slowest rank
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    try:
+        return Builder(config, tokenizer, shard).run()
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def format_report(report: dict) -> str:

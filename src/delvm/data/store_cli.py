@@ -8,15 +8,17 @@ from pathlib import Path
 
 import torch
 
+from delvm.devices import add_device_argument, resolve_device
 from delvm.errors import DelvmError
-from delvm.tokenizer.cli import device_for  # one device rule for every tokenizing verb
 
 
 def _build(args: argparse.Namespace) -> None:
     from delvm.data.store import build_store, format_report, load_build_config
 
-    config = load_build_config(args.config, out=args.out, tokenizer=args.tokenizer)
-    report = build_store(config, device_for(args.device))
+    config = load_build_config(
+        args.config, out=args.out, tokenizer=args.tokenizer, workers=args.workers
+    )
+    report = build_store(config, resolve_device(args.device))
     if int(os.environ.get("RANK", 0)) == 0:
         seconds = report["seconds"]
         print(format_report(report))
@@ -44,7 +46,7 @@ def _inspect(args: argparse.Namespace) -> None:
     from delvm.inference.prompting import save_grid
     from delvm.tokenizer import load_tokenizer
 
-    model = load_tokenizer(folder, device_for(args.device))
+    model = load_tokenizer(folder, resolve_device(args.device))
     if model.fingerprint() != store.fingerprint:
         raise DelvmError(
             f"{folder}: tokenizer {model.fingerprint()} is not the one the store was built with "
@@ -67,13 +69,26 @@ def add_store_commands(data_subparsers: argparse._SubParsersAction) -> None:
     p = data_subparsers.add_parser(
         "build",
         help="sources -> balanced, tokenized token store (resumable; torchrun for many ranks)",
-        description="Build the token store a TOML config describes (see configs/data/). A killed "
-        "build resumes where it stopped when run again with the same config.",
+        description="Build the token store a TOML config describes (see `delvm configs`, "
+        "data/*). Under torchrun (--nnodes, --nproc_per_node) each rank reads, decodes and "
+        "encodes its own share of the files, on its own GPU (cuda:LOCAL_RANK); --workers "
+        "processes per rank do the reading, mask and skeleton rendering, resizing and "
+        "augmentation while the rank encodes. The store is byte-identical for any number of "
+        "ranks and workers. A killed build resumes where it stopped when run again with the "
+        "same config, with any number of ranks and workers. Unreadable files are skipped and "
+        "listed with the reason in the report.",
     )
     p.add_argument("config", type=Path, help="build config (TOML)")
     p.add_argument("--out", help="store folder (overrides the config's `out`)")
     p.add_argument("--tokenizer", help="tokenizer folder (overrides the config's `tokenizer`)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:1, ...")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="decoding processes per rank (overrides the config's `workers`; default 0: decode "
+        "in the rank's own process); about one per CPU core a rank has to itself",
+    )
+    add_device_argument(p)
     p.set_defaults(func=_build)
 
     p = data_subparsers.add_parser(
@@ -87,6 +102,6 @@ def add_store_commands(data_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=Path, help="PNG to write (default: ./STORE-sample.png)")
     p.add_argument("--seq-len", type=int, default=2048, help="sentence length to sample")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    add_device_argument(p)
     p.add_argument("--no-verify", action="store_true", help="check sizes only, not checksums")
     p.set_defaults(func=_inspect)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from delvm.data.example import Example, Skipped
 from delvm.data.render import COCO_JOINTS, render_skeleton
-from delvm.data.sources.common import load_or_skip
+from delvm.data.sources.common import Source, load_or_skip
 from delvm.errors import DelvmError
 from delvm.fileio import read_json
 
@@ -107,7 +108,7 @@ def iter_coco_keypoints(
     per_person: bool = False,
     min_keypoints: int = 1,
     box_scale: float = 1.25,
-) -> Iterator[Example | Skipped]:
+) -> Source:
     """(photo, skeleton map) examples from a COCO keypoints file and its images."""
     json_path, image_dir = Path(json_path), Path(image_dir)
     if not image_dir.is_dir():
@@ -118,45 +119,55 @@ def iter_coco_keypoints(
     )
     if not lists:
         raise DelvmError(f"{json_path}: not a COCO file (needs 'images' and 'annotations' lists)")
-    by_image, skipped = _persons(data, json_path, _person_category(data, json_path), min_keypoints)
-    yield from skipped
+    by_image, units = _persons(data, json_path, _person_category(data, json_path), min_keypoints)
     known = {r.get("id") for r in data["images"] if isinstance(r, dict) and _is_id(r.get("id"))}
     for image_id, persons in by_image.items():  # annotation order: a build's report is stable
         if image_id not in known:
             for ann, _ in persons:
                 where = f"{json_path}#annotation={ann.get('id')}"
-                yield Skipped(where, f"image_id {image_id!r} is not in the file's 'images'")
+                units.append(Skipped(where, f"image_id {image_id!r} is not in the file's 'images'"))
     for index, record in enumerate(data["images"]):
         ok = isinstance(record, dict) and isinstance(record.get("file_name"), str)
         if not ok or not _is_id(record.get("id")):
-            yield Skipped(f"{json_path}#image={index}", "image record without 'id' or 'file_name'")
-            continue
-        persons = by_image.get(record["id"])
-        if not persons:
-            continue
-        path = image_dir / record["file_name"]
-        image = load_or_skip(path)
-        if isinstance(image, Skipped):
-            yield image
-            continue
-        expected = (record.get("height", image.shape[0]), record.get("width", image.shape[1]))
-        if image.shape[:2] != tuple(expected):
-            yield Skipped(
-                str(path),
-                f"image is {image.shape[1]}x{image.shape[0]} but the JSON says "
-                f"{expected[1]}x{expected[0]}; keypoints would not line up",
+            units.append(
+                Skipped(f"{json_path}#image={index}", "image record without 'id' or 'file_name'")
             )
             continue
-        if per_person:
-            for ann, keypoints in persons:
-                yield _person_example(task, image, path, ann, keypoints, box_scale)
-            continue
-        keypoints = np.stack([k for _, k in persons])
-        height, width = image.shape[:2]
-        yield Example(
-            task,
-            [image, render_skeleton(keypoints, height, width)],
-            source=str(path),
-            keypoints=keypoints,
-            meta={"nearest": [False, True], "skeleton": 1, "image_id": record["id"]},
+        persons = by_image.get(record["id"])
+        if persons:
+            # Only what reading needs, so a unit pickles small (annotations carry polygons).
+            size = {k: record[k] for k in ("id", "height", "width") if k in record}
+            slim = [({k: ann[k] for k in ("id", "bbox") if k in ann}, kps) for ann, kps in persons]
+            units.append((image_dir / record["file_name"], size, slim))
+    read = partial(_read_image, task=task, per_person=per_person, box_scale=box_scale)
+    return Source(units, read)
+
+
+def _read_image(unit, task: str, per_person: bool, box_scale: float) -> Iterator[Example | Skipped]:
+    """One image record's example (or one per person)."""
+    path, record, persons = unit
+    image = load_or_skip(path)
+    if isinstance(image, Skipped):
+        yield image
+        return
+    expected = (record.get("height", image.shape[0]), record.get("width", image.shape[1]))
+    if image.shape[:2] != tuple(expected):
+        yield Skipped(
+            str(path),
+            f"image is {image.shape[1]}x{image.shape[0]} but the JSON says "
+            f"{expected[1]}x{expected[0]}; keypoints would not line up",
         )
+        return
+    if per_person:
+        for ann, keypoints in persons:
+            yield _person_example(task, image, path, ann, keypoints, box_scale)
+        return
+    keypoints = np.stack([k for _, k in persons])
+    height, width = image.shape[:2]
+    yield Example(
+        task,
+        [image, render_skeleton(keypoints, height, width)],
+        source=str(path),
+        keypoints=keypoints,
+        meta={"nearest": [False, True], "skeleton": 1, "image_id": record["id"]},
+    )

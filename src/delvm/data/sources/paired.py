@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from delvm.data.example import Example, Skipped
 from delvm.data.images import IMAGE_SUFFIXES
 from delvm.data.render import COCO_JOINTS
-from delvm.data.sources.common import load_or_skip
+from delvm.data.sources.common import Source, load_or_skip
 from delvm.errors import DelvmError
 from delvm.fileio import read_json, write_json
 
@@ -86,7 +87,7 @@ def iter_paired_folders(
     target_dir: str = "target",
     target_nearest: bool = False,
     keypoints_file: str | Path | None = None,
-) -> Iterator[Example | Skipped]:
+) -> Source:
     """(input, target) examples from every input_dir/target_dir folder pair under `root`.
 
     `target_nearest`: the targets are rendered codes (masks, skeletons), resampled with nearest.
@@ -101,51 +102,58 @@ def iter_paired_folders(
             "input_dir/target_dir to your layout (e.g. blur/sharp for GoPro)"
         )
     keypoints = read_keypoints_file(Path(keypoints_file)) if keypoints_file else None
+    units = []
     for input_folder, target_folder in folders:
-        yield from _pairs(input_folder, target_folder, task, target_nearest, keypoints)
+        units.extend(_pairs(input_folder, target_folder, keypoints))
+    return Source(units, partial(_read_pair, task=task, target_nearest=target_nearest))
 
 
-def _pairs(input_folder, target_folder, task, target_nearest, keypoints):
+def _pairs(input_folder, target_folder, keypoints) -> list[tuple | Skipped]:
+    """(input path, target path, keypoints or None) per matched name, Skipped for the rest."""
     inputs, targets = _by_name(input_folder), _by_name(target_folder)
+    units = []
     for name in sorted(inputs.keys() | targets.keys()):
         found_in, found_tgt = inputs.get(name, []), targets.get(name, [])
         if len(found_in) > 1 or len(found_tgt) > 1:
             names = ", ".join(p.name for p in found_in + found_tgt)
             first = (found_in or found_tgt)[0]
-            yield Skipped(str(first), f"several files named {name} ({names}); keep one")
-            continue
-        if not found_tgt:
-            yield Skipped(str(found_in[0]), f"no matching target in {target_folder}")
-            continue
-        if not found_in:
-            yield Skipped(str(found_tgt[0]), f"no matching input in {input_folder}")
-            continue
-        source, target_path = found_in[0], found_tgt[0]
-        pose = None
-        if keypoints is not None:
-            pose = keypoints.get(name)
-            if pose is None:
-                yield Skipped(str(source), f"no keypoints for {name!r} in the keypoints file")
-                continue
-        image, target = load_or_skip(source), load_or_skip(target_path)
-        if isinstance(image, Skipped) or isinstance(target, Skipped):
-            yield image if isinstance(image, Skipped) else target
-            continue
-        if image.shape != target.shape:
-            yield Skipped(
-                str(source),
-                f"input is {image.shape[1]}x{image.shape[0]} but target {target_path.name} is "
-                f"{target.shape[1]}x{target.shape[0]}; pairs must be the same size",
-            )
-            continue
-        yield Example(
-            task,
-            [image, target],
-            source=str(source),
-            keypoints=pose,
-            meta={
-                "nearest": [False, target_nearest or pose is not None],
-                "target": str(target_path),
-                **({"skeleton": 1} if pose is not None else {}),
-            },
+            units.append(Skipped(str(first), f"several files named {name} ({names}); keep one"))
+        elif not found_tgt:
+            units.append(Skipped(str(found_in[0]), f"no matching target in {target_folder}"))
+        elif not found_in:
+            units.append(Skipped(str(found_tgt[0]), f"no matching input in {input_folder}"))
+        elif keypoints is not None and name not in keypoints:
+            reason = f"no keypoints for {name!r} in the keypoints file"
+            units.append(Skipped(str(found_in[0]), reason))
+        else:
+            pose = None if keypoints is None else keypoints[name]
+            units.append((found_in[0], found_tgt[0], pose))
+    return units
+
+
+def _read_pair(
+    unit: tuple[Path, Path, np.ndarray | None], task: str, target_nearest: bool
+) -> Iterator[Example | Skipped]:
+    source, target_path, pose = unit
+    image, target = load_or_skip(source), load_or_skip(target_path)
+    if isinstance(image, Skipped) or isinstance(target, Skipped):
+        yield image if isinstance(image, Skipped) else target
+        return
+    if image.shape != target.shape:
+        yield Skipped(
+            str(source),
+            f"input is {image.shape[1]}x{image.shape[0]} but target {target_path.name} is "
+            f"{target.shape[1]}x{target.shape[0]}; pairs must be the same size",
         )
+        return
+    yield Example(
+        task,
+        [image, target],
+        source=str(source),
+        keypoints=pose,
+        meta={
+            "nearest": [False, target_nearest or pose is not None],
+            "target": str(target_path),
+            **({"skeleton": 1} if pose is not None else {}),
+        },
+    )

@@ -5,21 +5,22 @@ grayscale class indices) or VOC_ROOT/SegmentationClass/NAME.png (palette), and a
 by default VOC_ROOT/ImageSets/Segmentation/{train,val}.txt. Fold i holds classes 5i+1..5i+5
 (OSLSM's split): "val" gives those classes on the val list, "train" the other 15 classes on the
 train list, where fold-i pixels simply stay background. One example per (image, class present);
-255 (object boundaries, "void") is background.
+255 (object boundaries, "void") is background. The list may instead be one of the fold lists of
+HSNet and Bar et al. (``fold0.txt``: one "NAME__CLASS" line per image and class).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from delvm.data.example import Example, Skipped
-from delvm.data.images import MAX_IMAGE_PIXELS
+from delvm.data.images import open_image
 from delvm.data.render import render_foreground
-from delvm.data.sources.common import load_or_skip
+from delvm.data.sources.common import Source, load_or_skip
 from delvm.errors import DelvmError
 
 VOC_CLASSES = (
@@ -43,17 +44,36 @@ def fold_classes(fold: int, split: str) -> list[int]:
 
 def _label_map(path: Path) -> np.ndarray | Skipped:
     """A class-index PNG (palette or grayscale) as uint8 [H, W], or why it cannot be read."""
+    if not path.is_file():
+        return Skipped(str(path), "no such mask file")
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                return Skipped(str(path), f"{image.width}x{image.height} exceeds the pixel limit")
+        with open_image(path) as image:
             if image.mode not in ("P", "L"):
                 return Skipped(str(path), f"mode {image.mode}: expected class indices (P or L)")
             return np.asarray(image, dtype=np.uint8).copy()
-    except FileNotFoundError:
-        return Skipped(str(path), "no such mask file")
+    except DelvmError as err:
+        return Skipped(str(path), f"unreadable mask ({str(err).removeprefix(f'{path}: ')})")
     except (OSError, SyntaxError, ValueError) as err:
         return Skipped(str(path), f"unreadable mask ({err})")
+
+
+def _list_entries(list_path: Path) -> list[tuple[str, int | None]]:
+    """(image name, the one class it stands for or None: every fold class) per list line.
+
+    Lines are "NAME" (VOC), "/JPEGImages/NAME.jpg /SegmentationClassAug/NAME.png" (SBD) or
+    "NAME__CLASS" (HSNet's fold lists, which Bar et al. use: CLASS 1..20).
+    """
+    entries = []
+    for number, line in enumerate(list_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        name, fold_list, named = Path(line.split()[0]).stem.partition("__")
+        if fold_list and not (named.isdigit() and 1 <= int(named) <= 20):
+            raise DelvmError(
+                f"{list_path}:{number}: {line.strip()!r}: expected NAME__CLASS, CLASS in 1..20"
+            )
+        entries.append((name, int(named) if fold_list else None))
+    return entries
 
 
 def iter_pascal5i(
@@ -64,7 +84,7 @@ def iter_pascal5i(
     mask_dir: str | None = None,
     list_file: str | Path | None = None,
     min_pixels: int = 1,
-) -> Iterator[Example | Skipped]:
+) -> Source:
     """(photo, class mask) examples of Pascal-5i fold `fold`, split "train" or "val"."""
     root = Path(voc_root)
     classes = fold_classes(fold, split)
@@ -78,27 +98,43 @@ def iter_pascal5i(
             raise DelvmError(f"{needed}: missing (Pascal-5i source needs a VOC folder layout)")
     if not list_path.is_file():
         raise DelvmError(f"{list_path}: missing image list (give `list_file`)")
-    # Lines are "NAME" (VOC) or "/JPEGImages/NAME.jpg /SegmentationClassAug/NAME.png" (SBD).
-    lines = list_path.read_text().splitlines()
-    names = [Path(line.split()[0]).stem for line in lines if line.strip()]
-    for name in names:
-        labels = _label_map(root / mask_dir / f"{name}.png")
-        if isinstance(labels, Skipped):
-            yield labels
-            continue
-        image = load_or_skip(root / "JPEGImages" / f"{name}.jpg")
-        if isinstance(image, Skipped):
-            yield image
-            continue
-        if image.shape[:2] != labels.shape:
-            yield Skipped(str(root / "JPEGImages" / f"{name}.jpg"), "image and mask sizes differ")
-            continue
-        for c in classes:
-            mask = labels == c
-            if np.count_nonzero(mask) >= min_pixels:
-                yield Example(
-                    task,
-                    [image, render_foreground(mask)],
-                    source=f"{root / 'JPEGImages' / name}.jpg#class={c}",
-                    meta={"nearest": [False, True], "class": VOC_CLASSES[c - 1], "fold": fold},
-                )
+    units = []
+    for name, named in _list_entries(list_path):
+        if named is not None and named not in classes:
+            units.append(
+                Skipped(f"{list_path}: {name}__{named}", f"not a fold-{fold} {split} class")
+            )
+        else:
+            image = root / "JPEGImages" / f"{name}.jpg"
+            units.append(
+                (image, root / mask_dir / f"{name}.png", classes if named is None else [named])
+            )
+    read = partial(_read_entry, task=task, min_pixels=min_pixels, fold=fold)
+    return Source(units, read)
+
+
+def _read_entry(
+    unit: tuple[Path, Path, list[int]], task: str, min_pixels: int, fold: int
+) -> Iterator[Example | Skipped]:
+    """An image's example for each of `classes` it shows (at least `min_pixels` pixels)."""
+    image_path, mask_path, classes = unit
+    labels = _label_map(mask_path)
+    if isinstance(labels, Skipped):
+        yield labels
+        return
+    image = load_or_skip(image_path)
+    if isinstance(image, Skipped):
+        yield image
+        return
+    if image.shape[:2] != labels.shape:
+        yield Skipped(str(image_path), "image and mask sizes differ")
+        return
+    for c in classes:
+        mask = labels == c
+        if np.count_nonzero(mask) >= min_pixels:
+            yield Example(
+                task,
+                [image, render_foreground(mask)],
+                source=f"{image_path}#class={c}",
+                meta={"nearest": [False, True], "class": VOC_CLASSES[c - 1], "fold": fold},
+            )

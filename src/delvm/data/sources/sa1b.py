@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from pycocotools import mask as mask_utils
 
 from delvm.data.example import Example, Skipped
 from delvm.data.render import render_instances
-from delvm.data.sources.common import example_seed, load_or_skip
+from delvm.data.sources.common import Source, example_seed, load_or_skip
 from delvm.errors import DelvmError
 from delvm.fileio import read_json
 
@@ -87,7 +88,7 @@ def _rles(annotations: list, height: int, width: int) -> list[dict] | str:
     return rles
 
 
-def _example(json_path: Path, folder: Path, task: str, seed: int) -> Example | Skipped:
+def _example(json_path: Path, task: str, seed: int) -> Example | Skipped:
     try:
         data = read_json(json_path)
     except DelvmError as err:
@@ -101,7 +102,7 @@ def _example(json_path: Path, folder: Path, task: str, seed: int) -> Example | S
     name = info.get("file_name", json_path.with_suffix(".jpg").name)
     if not isinstance(name, str):
         return Skipped(str(json_path), f"'file_name' {name!r} is not a file name")
-    image_path = folder / name
+    image_path = json_path.parent / name
     image = load_or_skip(image_path)
     if isinstance(image, Skipped):
         return image
@@ -122,9 +123,11 @@ def _example(json_path: Path, folder: Path, task: str, seed: int) -> Example | S
     )
 
 
-def iter_sa1b(
-    folder: str | Path, task: str = "segmentation", seed: int = 0
-) -> Iterator[Example | Skipped]:
+def _read_annotation(json_path: Path, task: str, seed: int) -> Iterator[Example | Skipped]:
+    yield _example(json_path, task, seed)
+
+
+def iter_sa1b(folder: str | Path, task: str = "segmentation", seed: int = 0) -> Source:
     """(photo, instance map) examples from an SA-1B folder of image + JSON files."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -134,8 +137,10 @@ def iter_sa1b(
         raise DelvmError(f"{folder}: no SA-1B annotation files (expected sa_N.jpg + sa_N.json)")
     annotated = {p.stem for p in json_paths}
     orphans = [p for p in folder.glob("*.jpg") if p.stem not in annotated]
-    for path in sorted(json_paths + orphans):
-        if path.suffix == ".jpg":
-            yield Skipped(str(path), f"no annotation file {path.stem}.json beside it")
-        else:
-            yield _example(path, folder, task, seed)
+    units = [
+        Skipped(str(path), f"no annotation file {path.stem}.json beside it")
+        if path.suffix == ".jpg"
+        else path
+        for path in sorted(json_paths + orphans)
+    ]
+    return Source(units, partial(_read_annotation, task=task, seed=seed))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import av
@@ -18,7 +19,7 @@ import numpy as np
 
 from delvm.data.example import Example, Skipped
 from delvm.data.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
-from delvm.data.sources.common import load_or_skip
+from delvm.data.sources.common import Source, load_or_skip
 from delvm.errors import DelvmError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -98,24 +99,32 @@ def _clips(
         held = {i: v for i, v in held.items() if i >= start}
 
 
-def _videos(path: Path) -> list[tuple[str, Iterable[tuple[str, np.ndarray | Skipped]]]]:
-    """(video name, its frames) for each video under `path`."""
+def _videos(path: Path) -> list[tuple[Path, list[Path] | None]]:
+    """(video, its frame files; None for a video file) for each video under `path`."""
     if path.is_file():
-        return [(str(path), _video_frames(path))]
+        return [(path, None)]
     if not path.is_dir():
         raise DelvmError(f"{path}: no such video file or folder (video source: check `path`)")
     own_frames = _frame_files(path)
     if own_frames:
-        return [(str(path), _folder_frames(own_frames))]
+        return [(path, own_frames)]
     videos = []
     for child in sorted(path.iterdir(), key=_natural_key):
         if child.is_file() and child.suffix.lower() in VIDEO_SUFFIXES:
-            videos.append((str(child), _video_frames(child)))
+            videos.append((child, None))
         elif child.is_dir() and (frames := _frame_files(child)):
-            videos.append((str(child), _folder_frames(frames)))
+            videos.append((child, frames))
     if not videos:
         raise DelvmError(f"{path}: no video files ({', '.join(VIDEO_SUFFIXES)}) or frame folders")
     return videos
+
+
+def _read_video(
+    unit: tuple[Path, list[Path] | None], task: str, frames_per_clip: int, stride: int, step: int
+) -> Iterator[Example | Skipped]:
+    video, files = unit
+    frames = _video_frames(video) if files is None else _folder_frames(files)
+    yield from _clips(str(video), frames, task, frames_per_clip, stride, step)
 
 
 def iter_video(
@@ -124,10 +133,15 @@ def iter_video(
     stride: int = 1,
     clip_step: int | None = None,
     task: str = "video",
-) -> Iterator[Example | Skipped]:
-    """Clips of `frames_per_clip` frames, `stride` apart, from the videos under `path`."""
+) -> Source:
+    """Clips of `frames_per_clip` frames, `stride` apart, from the videos under `path`.
+
+    Each video is one unit of a build's work: its clips are cut by one worker.
+    """
     if frames_per_clip < 1 or stride < 1 or (clip_step is not None and clip_step < 1):
         raise DelvmError("video source: frames_per_clip, stride and clip_step must be >= 1")
     step = clip_step or (frames_per_clip - 1) * stride + 1
-    for video, frames in _videos(Path(path)):
-        yield from _clips(video, frames, task, frames_per_clip, stride, step)
+    read = partial(
+        _read_video, task=task, frames_per_clip=frames_per_clip, stride=stride, step=step
+    )
+    return Source(_videos(Path(path)), read)
