@@ -194,3 +194,20 @@ def test_export_refuses_a_tokenizer_the_model_was_not_trained_with(tiny, tmp_pat
     args = ["export-hf", str(tiny["run"]), str(tmp_path / "hf"), "--tokenizer"]
     assert main([*args, str(tmp_path / "other")]) == 2
     assert "pass the tokenizer it was trained with" in capsys.readouterr().err
+
+
+def test_serve_loads_the_run_folder_too(tiny, tmp_path, capsys):
+    (tmp_path / "none").mkdir()  # the model loads from the run, then the empty folder is refused
+    assert main(["serve", str(tiny["run"]), "--examples", str(tmp_path / "none")]) == 2
+    assert "no task folders" in capsys.readouterr().err
+
+
+def test_eval_in_bf16_is_close_to_fp32(tiny, tmp_path):
+    for dtype in ("fp32", "bf16"):
+        assert (
+            main(["eval", str(tiny["run"]), "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+        )
+    fp32, bf16 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("fp32", "bf16"))
+    for task in fp32:
+        loss = fp32[task]["sentence"]["loss"]
+        assert bf16[task]["sentence"]["loss"] == pytest.approx(loss, abs=0.05)
