@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: test demo demo-full reproduce lint bench
+.PHONY: test demo demo-full reproduce results-page lint bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ demo-full: $(STAMP)
 reproduce: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/delvm experiment reproduce --out reproduce_out
 	@echo "results: reproduce_out/results.md"
+
+# docs/results.md, assembled from the results.md of the runs above that have finished.
+results-page: $(STAMP)
+	$(VENV)/bin/delvm results docs/results.md $(patsubst %/results.md,%,$(wildcard \
+		demo_out/results.md demo_full_out/results.md reproduce_out/results.md))
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
