@@ -6,13 +6,17 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from delvm.data.sources import iter_video
+from delvm.errors import DelvmError
 from delvm.train.config import load_config
 from delvm.train.trainer import Trainer
 from tests.support.sentences import PatternSentences
 
-EXTRAS = ("tensorboard",)
+EXTRAS = ("av", "tensorboard")
 
 
 @pytest.mark.slow  # a fresh interpreter imports every verb
@@ -47,3 +51,20 @@ def test_training_without_tensorboard_warns_and_logs_to_jsonl(tmp_path, monkeypa
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_video_files_without_pyav_name_the_extra_and_frame_folders_still_work(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "av", None)  # what `import av` does where PyAV is missing
+    frames = tmp_path / "walk"
+    frames.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(frames / f"frame_{i}.png")
+    (clip,) = list(iter_video(frames, frames_per_clip=4))
+    assert [int(image[0, 0, 0]) for image in clip.images] == [0, 60, 120, 180]
+    (tmp_path / "walk.mp4").write_bytes(b"not decoded: refused before reading")
+    with pytest.raises(
+        DelvmError, match=r"walk\.mp4: reading video files needs PyAV: pip install 'delvm\[video\]'"
+    ):
+        iter_video(tmp_path)

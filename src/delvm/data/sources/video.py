@@ -2,9 +2,10 @@
 
 `path` may be a video file, a folder of frame images (one video), or a folder holding video files
 and/or frame folders (one video each). Video files are decoded with PyAV, whose wheels bundle
-FFmpeg. Frames are named in natural order (frame_2 before frame_10). Clips start every
-`clip_step` frames (default: back to back, no frame in two clips). A frame that cannot be read
-is reported and the clip around it dropped; the next clip starts after it.
+FFmpeg: the optional `video` extra (pip install 'delvm[video]'); frame folders need nothing more.
+Frames are named in natural order (frame_2 before frame_10). Clips start every `clip_step`
+frames (default: back to back, no frame in two clips). A frame that cannot be read is reported
+and the clip around it dropped; the next clip starts after it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
-import av
 import numpy as np
 
 from delvm.data.example import Example, Skipped
@@ -34,8 +34,21 @@ def _frame_files(folder: Path) -> list[Path]:
     return sorted(files, key=_natural_key)
 
 
+def _pyav(video: Path):  # -> the av module
+    """PyAV, imported where a video file is read (the `video` extra)."""
+    try:
+        import av
+    except ImportError:
+        raise DelvmError(
+            f"{video}: reading video files needs PyAV: pip install 'delvm[video]' "
+            "(or give the video as a folder of its frames)"
+        ) from None
+    return av
+
+
 def _video_frames(path: Path) -> Iterator[tuple[str, np.ndarray | Skipped]]:
     """(frame number, RGB frame) of a video file; a decoding failure ends it with a Skipped."""
+    av = _pyav(path)
     decoded = 0
     try:
         with av.open(str(path)) as container:
@@ -144,4 +157,8 @@ def iter_video(
     read = partial(
         _read_video, task=task, frames_per_clip=frames_per_clip, stride=stride, step=step
     )
-    return Source(_videos(Path(path)), read)
+    videos = _videos(Path(path))
+    files = [video for video, frames in videos if frames is None]
+    if files:
+        _pyav(files[0])  # a missing PyAV is refused here, before a build's workers start
+    return Source(videos, read)
