@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from delvm.data.example import Example, Skipped
-from delvm.data.render import decode_skeleton, render_skeleton
+from delvm.data.render import decode_skeleton, render_instances, render_skeleton
 from delvm.data.sources import (
     SOURCES,
     iter_coco_keypoints,
@@ -22,6 +22,7 @@ from delvm.data.sources import (
     iter_video,
     open_source,
 )
+from delvm.data.sources.common import example_seed
 from delvm.data.sources.sa1b import rle_runs
 from delvm.errors import DelvmError
 
@@ -306,6 +307,9 @@ def test_sa1b_instances_in_random_colours_with_bad_files_reported(tmp_path):
     colours = {tuple(target[m][0]) for m in (big & ~small, apart, small)}
     assert len(colours) == 3
     np.testing.assert_array_equal(next(iter(iter_sa1b(tmp_path))).images[1], target)  # seeded
+    # Painted within each mask's box: the same as painting whole masks.
+    seed = example_seed(0, "sa_1.json")
+    np.testing.assert_array_equal(target, render_instances([big, apart, small], seed))
     assert not np.array_equal(next(iter(iter_sa1b(tmp_path, seed=1))).images[1], target)
     reasons = {s.source.rsplit("/", 1)[-1]: s.reason for s in skipped}
     assert set(reasons) == {

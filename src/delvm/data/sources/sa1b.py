@@ -36,7 +36,7 @@ class _LazyMasks(Sequence):
         with warnings.catch_warnings():
             # pycocotools 2.0.x trips numpy 2's `copy=` deprecation inside decode; harmless.
             warnings.simplefilter("ignore", DeprecationWarning)
-            return mask_utils.decode(self.rles[index]).astype(bool)
+            return mask_utils.decode(self.rles[index]).view(bool)  # 0/1 bytes: no copy
 
 
 def rle_runs(counts: str) -> list[int]:
@@ -111,8 +111,9 @@ def _example(json_path: Path, task: str, seed: int) -> Example | Skipped:
         rles = _rles(annotations, height, width)
         if isinstance(rles, str):
             return Skipped(str(json_path), rles)
-        areas = mask_utils.area(rles)
-        target = render_instances(_LazyMasks(rles), example_seed(seed, json_path.name), areas)
+        areas, boxes = mask_utils.area(rles), mask_utils.toBbox(rles)
+        colours_seed = example_seed(seed, json_path.name)
+        target = render_instances(_LazyMasks(rles), colours_seed, areas, boxes)
     except (ValueError, TypeError) as err:
         return Skipped(str(json_path), f"invalid RLE mask ({err})")
     return Example(
