@@ -76,6 +76,11 @@ def test_pck_counts_joints_within_a_fifth_of_the_box():
     assert pck(missing, truth) == 0.0
 
 
+# COCO's per-keypoint OKS constants (pycocotools' COCOeval.Params.kpt_oks_sigmas).
+COCO_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87,
+                        .87, .89, .89]) / 10  # fmt: skip
+
+
 def test_coco_ap_through_cocoeval():
     truth = keypoints(4)
     assert coco_keypoint_ap(truth.copy(), truth, (100, 100)) == pytest.approx(1.0)
@@ -83,15 +88,54 @@ def test_coco_ap_through_cocoeval():
     assert coco_keypoint_ap(wrong, truth, (100, 100)) < 0.2
 
 
+def test_coco_ap_scales_oks_by_the_keypoints_box():
+    """One person, every joint moved d px: OKS = mean_i exp(-d^2 / (2 s^2 (2 sigma_i)^2)) with
+    s^2 the area of the visible keypoints' box, and AP is the share of COCO's ten OKS thresholds
+    (0.50, 0.55, ..., 0.95) that it reaches."""
+    truth = keypoints(1)
+    width, height = truth[0, :, :2].max(0) - truth[0, :, :2].min(0)
+    thresholds = np.linspace(0.5, 0.95, 10)
+    for d in (3.0, 4.0, 7.0):
+        oks = np.mean(np.exp(-(d**2) / (2 * width * height * (2 * COCO_SIGMAS) ** 2)))
+        assert np.abs(thresholds - oks).min() > 0.01  # clear of a threshold: no rounding luck
+        moved = truth.copy()
+        moved[..., 0] += d
+        expected = np.mean(thresholds <= oks)
+        assert coco_keypoint_ap(moved, truth, (100, 100)) == pytest.approx(expected), d
+
+
+def ssim_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang et al. 2004 on [0, 1] images [H, W, C]: 11 x 11 Gaussian window (sigma 1.5), K1 0.01,
+    K2 0.03, data range 1; the SSIM map at every pixel (borders reflected, as torchmetrics does,
+    where skimage would crop them), averaged."""
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+    window = np.outer(g, g) / g.sum() ** 2
+
+    def local_mean(a: np.ndarray) -> np.ndarray:
+        a = np.pad(a, ((5, 5), (5, 5), (0, 0)), mode="reflect")
+        patches = np.lib.stride_tricks.sliding_window_view(a, (11, 11), axis=(0, 1))
+        return (patches * window).sum((-2, -1))
+
+    mx, my = local_mean(x), local_mean(y)
+    vx, vy, cov = local_mean(x * x) - mx**2, local_mean(y * y) - my**2, local_mean(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    ssim = (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(ssim.mean())
+
+
 def test_psnr_and_ssim_against_a_direct_computation():
     rng = np.random.default_rng(0)
-    clean = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    # Low contrast, so the SSIM sits mid-range where the window and the data range show.
+    clean = [rng.integers(100, 140, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
     noisy = [np.clip(c + rng.normal(0, 10, c.shape), 0, 255).astype(np.uint8) for c in clean]
     scores = psnr_ssim(noisy, clean)
     direct = np.mean([10 * np.log10(1 / np.mean(((n / 255.0) - (c / 255.0)) ** 2))
                       for n, c in zip(noisy, clean, strict=True)])  # fmt: skip
     assert scores["psnr"] == pytest.approx(direct, rel=1e-4)
-    assert 0 < scores["ssim"] < 1
+    by_hand = np.mean(
+        [ssim_by_hand(n / 255.0, c / 255.0) for n, c in zip(noisy, clean, strict=True)]
+    )
+    assert scores["ssim"] == pytest.approx(by_hand, abs=1e-5)
     assert psnr_ssim(clean, clean)["ssim"] == pytest.approx(1.0)
 
 
