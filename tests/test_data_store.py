@@ -441,6 +441,30 @@ def test_a_unit_that_raises_anything_is_skipped_with_the_error(
     ]  # fmt: skip
 
 
+def test_a_file_that_changes_between_the_passes_stops_the_build(
+    tmp_path, tokenizer_dir, monkeypatch
+):
+    big = write_pairs(tmp_path / "big", 4, seed=11)
+    small = write_pairs(tmp_path / "small", 2, seed=12)
+    config = BuildConfig(
+        out=str(tmp_path / "store"), tokenizer=str(tokenizer_dir),
+        sources=[{"format": "paired", "root": str(big), "task": "big"},
+                 {"format": "paired", "root": str(small), "task": "small"}],
+    )  # fmt: skip
+    real_plan = Builder._plan
+
+    def plan_then_break_a_file(self):
+        plan = real_plan(self)
+        (small / "input" / "im001.png").write_bytes(b"")  # after the base pass read it
+        return plan
+
+    monkeypatch.setattr(Builder, "_plan", plan_then_break_a_file)
+    with pytest.raises(
+        DelvmError, match=r"im001.png: changed since the base pass read it \(empty file"
+    ):
+        Builder(config, load_tokenizer(tokenizer_dir)).run()
+
+
 @pytest.mark.parametrize("name", ["toyworld.toml", "real_formats.toml"])
 def test_example_configs_parse_and_name_real_source_arguments(name):
     from delvm.data.sources import SOURCES

@@ -436,6 +436,8 @@ class Decoder(Dataset):
         items = self.sources[source].read_unit(unit)
         try:
             return self._base(items) if picks is None else self._copies(items, picks)
+        except DelvmError as err:  # from _copies: the unit no longer reads as in the base pass
+            return [("skip", {"file": unit_path(unit), "reason": str(err)}, None)]
         except Exception as err:  # any failure while reading one unit is that unit's
             why = " ".join(f"{type(err).__name__}: {err}".split())
             reason = f"unexpected error reading it ({why})"
@@ -462,8 +464,10 @@ class Decoder(Dataset):
             if position not in wanted:
                 continue
             source, task, origin, copies = wanted.pop(position)
-            if not isinstance(item, Example) or item.source != source:
-                raise DelvmError(f"{source}: no longer the example the first pass read")
+            if isinstance(item, Skipped):
+                raise DelvmError(item.reason)
+            if item.source != source:
+                raise DelvmError(f"gives example {item.source} where {source} was")
             for copy in range(1, copies + 1):
                 seed = copy_seed(self.seed, task, origin, copy)
                 images = np.stack(augment_example(item, self.augment[task], seed).images)
@@ -471,7 +475,7 @@ class Decoder(Dataset):
             if not wanted:
                 break
         if wanted:
-            raise DelvmError("fewer examples than the first pass read")
+            raise DelvmError("gives fewer examples")
         return records
 
 
@@ -695,8 +699,8 @@ class Builder:
                 for record, meta, images in next(results):
                     if kind == "copies" and record == "skip":
                         raise DelvmError(
-                            f"{meta['file']}: {meta['reason']} in the copies pass, though the base "
-                            f"pass read it; restore it, or delete {self.work} to start over"
+                            f"{meta['file']}: changed since the base pass read it "
+                            f"({meta['reason']}); restore it, or delete {self.work} to start over"
                         )
                     if record == "example" and not TASK_NAME.fullmatch(meta["task"]):
                         raise DelvmError(
