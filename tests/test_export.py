@@ -123,3 +123,49 @@ def test_cli_export_and_errors(tmp_path, capsys):
     assert main(["export-hf", str(tmp_path / "hf"), str(tmp_path / "hf3")]) == 0
     assert main(["import-hf", str(tmp_path / "ckpt"), str(tmp_path / "x")]) == 2
     assert "model_type" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_cli_export_dtype_writes_the_weights_rounded_to_it(tmp_path, name, dtype):
+    from safetensors.torch import load_file
+
+    model = random_model()
+    save_model(model, tmp_path / "ckpt")
+    assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "full")]) == 0
+    assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / name), "--dtype", name]) == 0
+    full, half = (load_file(tmp_path / d / "model.safetensors") for d in ("full", name))
+    assert all(half[k].dtype == dtype and torch.equal(half[k], full[k].to(dtype)) for k in full)
+    sizes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("full", name)]
+    assert sizes[1] < 0.55 * sizes[0]
+    assert json.loads((tmp_path / name / "config.json").read_text())["torch_dtype"] == str(
+        dtype
+    ).removeprefix("torch.")
+    # transformers reads it: our logits up to the rounding of the weights (2 % of the largest).
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / name).eval()
+    assert hf.dtype == dtype
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf.float()(ids).logits
+    assert (theirs - ours).abs().max() <= 0.02 * ours.abs().max()
+
+
+def test_cli_import_num_codes_keeps_generation_inside_the_codebook(tmp_path):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=128,
+                         bos_token_id=None, eos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert (
+        main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--num-codes", "64"]) == 0
+    )
+    model = load_model(tmp_path / "ckpt").eval()
+    assert (model.config.vocab_size, model.config.codes) == (80, 64)
+    prompt = torch.randint(0, 64, (4, 16))
+    with torch.no_grad():
+        assert (model(prompt) - hf(prompt).logits).abs().max().item() <= 1e-4
+    # Near-uniform logits: 96 draws over all 80 ids would all be codes with odds of 0.8^96.
+    new = generate(model, prompt, 24, SamplingConfig(temperature=1.0, seed=0))
+    assert new.shape == (4, 24) and new.max() < 64
