@@ -436,7 +436,7 @@ class Decoder(Dataset):
         items = self.sources[source].read_unit(unit)
         try:
             return self._base(items) if picks is None else self._copies(items, picks)
-        except DelvmError as err:  # from _copies: the unit no longer reads as in the base pass
+        except DelvmError as err:  # says what is wrong (in _copies: what changed since then)
             return [("skip", {"file": unit_path(unit), "reason": str(err)}, None)]
         except Exception as err:  # any failure while reading one unit is that unit's
             why = " ".join(f"{type(err).__name__}: {err}".split())
