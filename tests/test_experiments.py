@@ -126,19 +126,22 @@ def test_kd_teacher_keeps_its_size_under_a_whole_table_set(tokenizer: Path, tmp_
     # Issue 25's case: --set replaces model.overrides as a whole table to size the student.
     student = "model.overrides={'hidden_size': 32, 'intermediate_size': 64, 'num_heads': 2, 'num_layers': 1, 'max_seq_len': 64}"
     results = run("kd", tokenizer, tmp_path, "--set", student, "--teacher", "hidden_size=64",
-                  "intermediate_size=176", "num_heads=4", "num_layers=2")  # fmt: skip
+                  "intermediate_size=176", "num_heads=4", "num_layers=2",
+                  "--teacher-steps", "3")  # fmt: skip
     assert list(results["arms"]) == ["teacher", "student", "student-kd"]
     arms = tmp_path / "seed-0" / "arms"
     kd_log = [
         json.loads(line) for line in (arms / "student-kd" / "log.jsonl").read_text().splitlines()
     ]
     assert all("loss_kd" in r for r in kd_log if "loss" in r)  # trained against the teacher
+    steps = {"teacher": 3, "student": 2, "student-kd": 2}  # a teacher trained longer
     models = {
-        a: json.loads((arms / a / "checkpoints" / "step-000002" / "config.json").read_text())[
+        a: json.loads((arms / a / "checkpoints" / f"step-{n:06d}" / "config.json").read_text())[
             "model"
         ]
-        for a in ("teacher", "student", "student-kd")
+        for a, n in steps.items()
     }
+    assert {a: results["arms"][a]["steps"] for a in steps} == steps
     assert (models["teacher"]["hidden_size"], models["teacher"]["num_layers"]) == (64, 2)
     assert models["teacher"]["max_seq_len"] == 64  # the --set fields the teacher does not define
     for arm in ("student", "student-kd"):

@@ -118,12 +118,11 @@ def reproduce(config_name: str, out: Path) -> Path:
     # runs again in this process to give its section of the page.
     commands = {}
     for name in STUDIES:
-        options = {**config.get("common", {}), **config.get(name, {})}
+        options = {"seeds": config["seeds"], **config.get("common", {}), **config.get(name, {})}
         options["set"] = [*config.get("common", {}).get("set", []),
                           *config.get(name, {}).get("set", [])]  # fmt: skip
         commands[name] = ["experiment", name, "--tokenizer", str(tok_run / "tokenizer"),
-                          "--out", str(out / name), "--seeds", *map(str, config["seeds"]),
-                          *_argv(name, options)]  # fmt: skip
+                          "--out", str(out / name), *_argv(name, options)]  # fmt: skip
     order = config.get("run_order", list(STUDIES))
     if sorted(order) != sorted(STUDIES):
         raise DelvmError(f"{path}: run_order {order} must name each of {list(STUDIES)} once")
@@ -148,7 +147,7 @@ def reproduce(config_name: str, out: Path) -> Path:
         "# The paper's findings on the toy world: `make reproduce`", "",
         "Written by `make reproduce` (`delvm experiment reproduce`, settings: the shipped config "
         f"`{path.stem}`) on {datetime.date.today().isoformat()}, on {hardware_class()}. Seeds "
-        f"{', '.join(map(str, config['seeds']))}; the studies ran {config.get('jobs', 1)} at a "
+        f"{', '.join(map(str, config['seeds']))} unless a study's command says more; the studies ran {config.get('jobs', 1)} at a "
         "time, one torch thread each; this run's wall time "
         f"{wall / 60:.0f} min (stages resumed from an earlier run count only their remaining "
         "work).", "",

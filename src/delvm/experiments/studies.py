@@ -59,13 +59,18 @@ class Arm:
     """One training run of a study: its store and the training settings that define it.
 
     `settings` (key -> override text, as `--set` takes it) are applied after `--set`, so no
-    `--set` can undo them; `scored_steps` are the checkpoints scored (the final one by default;
-    every stage end for continual learning)."""
+    `--set` can undo them; `steps` replaces the study's `--steps` (a teacher trained longer);
+    `scored_steps` are the checkpoints scored (the final one by default; every stage end for
+    continual learning)."""
 
     name: str
     store: Path
     settings: dict[str, str] = field(default_factory=dict)
+    steps: int = 0  # 0: the study's --steps
     scored_steps: tuple[int, ...] = ()
+
+    def scored(self, study_steps: int) -> tuple[int, ...]:
+        return self.scored_steps or (self.steps or study_steps,)
 
 
 @dataclass(frozen=True)
@@ -175,12 +180,13 @@ class Study:
         what the study fixes (so neither `--set` nor a whole-table override undoes those)."""
         a = self.args
         fixed = {"out": str(self.out / f"seed-{seed}" / "arms" / arm.name),
-                 "tokenizer": str(a.tokenizer), "data.store": str(arm.store), "steps": a.steps,
+                 "tokenizer": str(a.tokenizer), "data.store": str(arm.store),
+                 "steps": arm.steps or a.steps,
                  "seed": seed, "data.seed": seed}  # fmt: skip
-        scored = arm.scored_steps or (a.steps,)
+        scored = arm.scored(a.steps)
         gaps = [scored[0], *(b - c for b, c in zip(scored[1:], scored, strict=False))]
         # Defaults --set may change; room for one checkpoint a kill leaves between scored ones.
-        defaults = {"eval_every": a.steps, "checkpoint_every": min(gaps),
+        defaults = {"eval_every": scored[-1], "checkpoint_every": min(gaps),
                     "keep_checkpoints": len(scored) + 1}  # fmt: skip
         arm_settings = [f"{key}={text}" for key, text in arm.settings.items()]
         overrides = [*_overrides(defaults), *a.set, *arm_settings, *_overrides(fixed)]
@@ -234,6 +240,7 @@ class Study:
             "settings": {k: str(v) for k, v in arm.settings.items()},
             "parameters": sum(p.numel() for p in model.parameters()),
             "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers,
+            "steps": config.steps,
             "mix": mix,
         }  # fmt: skip
 
@@ -265,9 +272,11 @@ class Study:
             for arm in arms_for(seed):
                 run = self.train(seed, arm)
                 self.arms.setdefault(arm.name, self.describe(seed, arm))
+                scored = arm.scored(self.args.steps)
+                first = seed == self.args.seeds[0]  # sample grids: the first seed's final model
                 per_arm[arm.name] = {
-                    step: self.score(run, step, sampler, sample=seed == self.args.seeds[0])
-                    for step in arm.scored_steps or (self.args.steps,)
+                    step: self.score(run, step, sampler, sample=first and step == scored[-1])
+                    for step in scored
                 }
 
     def score(self, run: Path, step: int, sampler: SentenceSampler, sample: bool) -> Results:
@@ -277,7 +286,7 @@ class Study:
             return json.loads(cache.read_text())
         model = load_model(run / "checkpoints" / f"step-{step:06d}").eval()
         result = evaluate(model, sampler)
-        if sample and step == self.args.steps:
+        if sample:
             self.sample_grid(run.name, model, sampler)
         cache.write_text(json.dumps(result, indent=2) + "\n")
         return result
@@ -289,7 +298,7 @@ class Study:
         prompter = VisualPrompter(model, self.tokenizer)
         pairs = []  # per task: (example [2, hw], query [2, hw]) from the held-out pool
         for task in sampler.tasks:
-            tokens, pool = sampler.store.tasks[task], sampler.val[task]
+            tokens, pool = sampler.val_tokens[task], sampler.val[task]
             if tokens.images_per_example == 2 and len(pool.origins) >= 2:
                 rows = pool.rows[pool.starts[:2]]
                 pairs.append(torch.from_numpy(np.asarray(tokens.tokens[rows], np.int64)))
@@ -335,7 +344,7 @@ class Study:
 
     def final(self, seed: int) -> dict[str, Results]:
         """arm -> the final checkpoint's results, for one seed."""
-        return {arm: steps[self.args.steps] for arm, steps in self.results[seed].items()}
+        return {arm: steps[max(steps)] for arm, steps in self.results[seed].items()}
 
     def verdicts(self) -> list[dict]:
         out = []
@@ -352,7 +361,8 @@ class Study:
         a = self.args
         seeds = " ".join(map(str, a.seeds))
         lines = [
-            f"Every arm: {a.steps} steps, seeds {seeds}, training config `{a.train_config}`"
+            f"Every arm: {a.steps} steps unless its row below says otherwise, seeds {seeds}, "
+            f"training config `{a.train_config}`"
             + (f", `--set` {' '.join(a.set)}" if a.set else "") + ".", "", notes, "",
             "### Arms", "", arms_table(self.arms), "",
             "### Held-out target-image loss (mean over seeds [95 % interval]; per seed)", "",
@@ -388,9 +398,9 @@ class Study:
 
 def arms_table(arms: dict) -> str:
     """Each arm's defining settings, model and effective task mix."""
-    lines = ["| arm | defining settings | parameters | hidden | layers | task: share of "
+    lines = ["| arm | defining settings | parameters | hidden | layers | steps | task: share of "
              "tokens, originals / distinct examples, draws per distinct example |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, arm in arms.items():
         settings = ", ".join(f"`{k}={v}`" for k, v in arm["settings"].items()) or "(none)"
         mix = "; ".join(
@@ -399,7 +409,7 @@ def arms_table(arms: dict) -> str:
             for t, m in arm["mix"].items()
         )
         lines.append(f"| {name} | {settings} | {arm['parameters']:,} | {arm['hidden_size']} | "
-                     f"{arm['num_layers']} | {mix} |")  # fmt: skip
+                     f"{arm['num_layers']} | {arm['steps']} | {mix} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -426,9 +436,11 @@ def claims_table(claims: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def target_loss(results: dict, arm: str, tasks: list[str], step: int) -> float:
-    """Mean held-out target-image loss of `arm` over `tasks` at checkpoint `step`."""
-    return float(np.mean([results[arm][step][t]["target"]["loss"] for t in tasks]))
+def target_loss(results: dict, arm: str, tasks: list[str], step: int | None = None) -> float:
+    """Mean held-out target-image loss of `arm` over `tasks` at checkpoint `step` (None: its
+    final checkpoint)."""
+    by_step = results[arm]
+    return float(np.mean([by_step[step or max(by_step)][t]["target"]["loss"] for t in tasks]))
 
 
 # ---- the four studies ----------------------------------------------------------------------
@@ -545,7 +557,7 @@ def run_data_scaling(args: argparse.Namespace) -> Study:
 
 def run_kd(args: argparse.Namespace) -> Study:
     study = Study(args, "Knowledge distillation (paper Tables 2/3/6)")
-    steps = args.steps
+    teacher_steps = args.teacher_steps or args.steps
     teacher_fields = {}
     for item in args.teacher:
         if "=" not in item:
@@ -555,16 +567,15 @@ def run_kd(args: argparse.Namespace) -> Study:
 
     def arms_for(seed: int) -> list[Arm]:
         store = _store_or_toy(study, seed, study.base.data.balance)
-        teacher = (
-            study.out / f"seed-{seed}" / "arms" / "teacher" / "checkpoints" / f"step-{steps:06d}"
-        )
-        return [Arm("teacher", store, teacher_fields), Arm("student", store),
+        run = study.out / f"seed-{seed}" / "arms" / "teacher"
+        teacher = run / "checkpoints" / f"step-{teacher_steps:06d}"
+        return [Arm("teacher", store, teacher_fields, teacher_steps), Arm("student", store),
                 Arm("student-kd", store, {"distill.teacher": repr(str(teacher))})]  # fmt: skip
 
     tasks = list(_task_counts(study))
 
     def loss(r: dict, arm: str) -> float:
-        return target_loss(r, arm, tasks, steps)
+        return target_loss(r, arm, tasks)
 
     metric = "target loss, mean of every task"
     study.claims = [
@@ -577,9 +588,10 @@ def run_kd(args: argparse.Namespace) -> Study:
     ]  # fmt: skip
     study.run(arms_for)
     study.report(
-        f"Teacher: the training config's model with {' '.join(args.teacher)}; students: the "
-        "training config's model, from scratch and distilled from the teacher of the same seed "
-        "(equal steps, the same data)."
+        f"Teacher: the training config's model with {' '.join(args.teacher)}, {teacher_steps} "
+        "steps (a teacher trained beforehand, as the paper's); students: the training config's "
+        f"model, {args.steps} steps each on the same data, from scratch and distilled from the "
+        "teacher of the same seed."
     )
     return study
 
@@ -599,7 +611,7 @@ def run_continual(args: argparse.Namespace) -> Study:
     def arms_for(seed: int) -> list[Arm]:
         store = _store_or_toy(study, seed, study.base.data.balance)
         return [Arm(f"lr-{policy}", store, {"stages": repr(stages), "lr_policy": repr(policy)},
-                    ends)
+                    scored_steps=ends)
                 for policy in ("continue", "rescale")]  # fmt: skip
 
     def forgetting(r: dict, arm: str) -> float:
@@ -695,6 +707,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             s.add_argument("--teacher", nargs="+", metavar="FIELD=VALUE",
                            default=["num_layers=4", "hidden_size=128", "intermediate_size=352"],
                            help="model overrides that make the teacher")  # fmt: skip
+            s.add_argument("--teacher-steps", type=int, default=0,
+                           help="the teacher's training steps (default: --steps)")  # fmt: skip
         if name == "continual":
             s.add_argument("--stages", nargs="+", default=list(TOY_TASKS))
     from delvm.experiments.reproduce import add_command
