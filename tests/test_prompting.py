@@ -79,7 +79,19 @@ def test_inpaint_keeps_the_top_half(parts):
     ids = torch.cat([top, prompter.generator(top, 128, greedy)], dim=1)
     expected = (tokenizer.decode(ids)[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     assert np.array_equal(out, expected)
-    assert prompter.next_frame(images(2, 6)).shape == (32, 32, 3)
+
+
+def test_next_frame_continues_the_frames_in_time_order():
+    tokenizer, model = tiny_tokenizer_and_model(prompt_sensitive=True)
+    prompter = VisualPrompter(model, tokenizer)
+    # Black, grey, white: a clip whose answer changes when its frames are read out of order.
+    frames = [np.full((32, 32, 3), value, np.uint8) for value in (0, 128, 255)]
+    greedy = SamplingConfig(temperature=0)
+    out = prompter.next_frame(frames, greedy)
+    clip = torch.cat([tokenizer.encode(frame[None]) for frame in frames], dim=1)  # f1 f2 f3
+    ids = prompter.generator(clip, 256, greedy)
+    expected = (tokenizer.decode(ids)[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(out, expected)
 
 
 def test_mismatched_tokenizer_and_long_prompts_are_errors(parts):

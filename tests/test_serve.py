@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from delvm.cli import main
@@ -42,13 +41,8 @@ def prompter():
 
 @pytest.fixture(scope="module")
 def prompt_sensitive_prompter():
-    """The tiny model with its matrices scaled x4: at the seeded init its greedy answer is the same
-    whatever the prompt, so a page that answered another prompt would go unnoticed."""
-    tokenizer, model = tiny_tokenizer_and_model()
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.mul_(4.0)
+    """A page that answered another prompt must not go unnoticed."""
+    tokenizer, model = tiny_tokenizer_and_model(prompt_sensitive=True)
     return VisualPrompter(model, tokenizer)
 
 

@@ -19,12 +19,23 @@ TINY_VQGAN = VQGANConfig(
 )  # fmt: skip  -> 16 x 16 tokens per 32 px image
 
 
-def tiny_tokenizer_and_model(images: int = 6) -> tuple[VQGAN, VisualLM]:
-    """Seeded; the model's context holds `images` images (2 pairs, a query and its answer)."""
+def tiny_tokenizer_and_model(
+    images: int = 6, prompt_sensitive: bool = False
+) -> tuple[VQGAN, VisualLM]:
+    """Seeded; the model's context holds `images` images (2 pairs, a query and its answer).
+
+    At the seeded init the model's greedy answer is the same whatever the prompt; with
+    `prompt_sensitive` its matrices are scaled x4, and the answer changes with the prompt."""
     torch.manual_seed(0)
     tokenizer = VQGAN(TINY_VQGAN).eval()
     config = preset("tiny", vocab_size=64, codebook_dim=8, max_seq_len=256 * images)
-    return tokenizer, VisualLM(config, codebook=tokenizer.codebook.detach()).eval()
+    model = VisualLM(config, codebook=tokenizer.codebook.detach()).eval()
+    if prompt_sensitive:
+        with torch.no_grad():
+            for weight in model.parameters():
+                if weight.dim() == 2:
+                    weight.mul_(4.0)
+    return tokenizer, model
 
 
 def untrained_cpu_tokenizer(**overrides) -> VQGAN:
