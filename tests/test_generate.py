@@ -131,7 +131,7 @@ def test_shared_prefix_is_prefilled_once_and_changes_no_output(model, monkeypatc
         outputs[sampling.temperature] = generator(prompt, 20, sampling)
         assert prefilled[:2] == [(1, 61), (4, 11)]  # the prefix once, then each row's rest
         prefilled.clear()
-        whole = generator(prompt, 20, sampling, share_prefix=False)
+        whole = Generator(model, share_prefix=False)(prompt, 20, sampling)
         assert prefilled[0] == (4, 72)
         assert torch.equal(outputs[sampling.temperature], whole)
     # One row runs as one prefill.

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from PIL import Image
 
 from delvm.errors import DelvmError
 from delvm.inference.generate import Generator, SamplingConfig, accept_drafts, probabilities
@@ -130,3 +131,62 @@ def test_sampled_codes_follow_the_target_distribution(draft_name):
         assert generator.stats.passes == 1 and generator.stats.accepted == 1
     else:  # code 2 drawn after a rejection, code 3 in a second pass
         assert generator.stats.passes == 2 and generator.stats.accepted == 0
+
+
+def test_prompter_with_a_draft_gives_its_own_greedy_images(tmp_path):
+    import numpy as np
+
+    from delvm.cli import main
+    from delvm.inference.prompting import VisualPrompter
+    from delvm.model.checkpoint import save_model
+    from tests.support.tiny import tiny_tokenizer_and_model
+
+    tokenizer, model = tiny_tokenizer_and_model()
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.3 * p.std() * torch.randn_like(p))
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
+    pairs, queries = [(pictures[0], pictures[1]), (pictures[2], pictures[3])], pictures[4:]
+    alone = VisualPrompter(model, tokenizer)(pairs, queries, GREEDY)
+    drafted = VisualPrompter(model, tokenizer, draft=draft, draft_tokens=3)(pairs, queries, GREEDY)
+    assert all(np.array_equal(a, b) for a, b in zip(alone, drafted, strict=True))
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    save_model(model, tmp_path / "model", tokenizer_fingerprint=tokenizer.fingerprint())
+    save_model(draft, tmp_path / "draft", tokenizer_fingerprint=tokenizer.fingerprint())
+    save_model(draft, tmp_path / "other", tokenizer_fingerprint="0123456789abcdef")
+    files = []
+    for i, picture in enumerate(pictures[:3]):
+        files.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(picture).save(files[-1])
+    args = ["prompt", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"),
+            "--examples", *files[:2], "--query", files[2], "--device", "cpu"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "alone")]) == 0
+    assert (
+        main([*args, "--out", str(tmp_path / "drafted"), "--draft", str(tmp_path / "draft")]) == 0
+    )
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "alone" / "img2_output.png")),
+        np.asarray(Image.open(tmp_path / "drafted" / "img2_output.png")),
+    )
+    assert main([*args, "--out", str(tmp_path / "x"), "--draft", str(tmp_path / "other")]) == 2
+
+
+def test_answer_nll_of_rows_sharing_a_prefix_equals_each_row_alone():
+    import numpy as np
+
+    from delvm.inference.prompting import VisualPrompter
+    from tests.support.tiny import tiny_tokenizer_and_model
+
+    tokenizer, model = tiny_tokenizer_and_model()
+    prompter = VisualPrompter(model, tokenizer)
+    rng = np.random.default_rng(1)
+    pictures = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
+    pair, query = (pictures[0], pictures[1]), pictures[2]
+    answers = pictures[3:]  # one query, three candidate answers: rows share pair and query
+    together = prompter.answer_nll([pair], [query] * 3, answers)
+    alone = [prompter.answer_nll([pair], [query], [answer])[0] for answer in answers]
+    assert together == pytest.approx(alone, rel=1e-5)
+    assert len(set(together)) == 3

@@ -168,3 +168,40 @@ def test_prompt_dependence_prompts_with_the_supports_task_recognition_draws():
     assert len(recognition) == 16 and recognition == dependence
     prompt_dependence(answer_nll, tasks, queries=8, shots=2, seed=4)
     assert dependence[16:] != recognition  # another seed, other supports: the check can fail
+
+
+def test_queries_per_prompt_shares_supports_drawn_outside_the_group():
+    examples = toy("derain", count=7)
+    calls = []
+
+    def predict(pairs, queries):
+        calls.append(([p[0].tobytes() for p in pairs], [q.tobytes() for q in queries]))
+        return oracle(examples)(pairs, queries)
+
+    for per_prompt in (1, 3):
+        calls.clear()
+        scores = derain_scores(predict, examples, shots=2, queries_per_prompt=per_prompt)
+        assert scores["ssim"] > 0.99  # every query answered with its own truth, in order
+        sizes = [len(queries) for _, queries in calls]
+        assert sizes == ([1] * 7 if per_prompt == 1 else [3, 3, 1])
+        for supports, queries in calls:
+            assert len(supports) == 2 and not set(supports) & set(queries)
+    # Recognition and prompt dependence group alike and still draw the same supports.
+    tasks = dark_and_bright(8)
+    recognition, dependence = [], []
+
+    def follows(pairs, queries):
+        recognition.append([p[0].tobytes() for p in pairs])
+        return [pairs[0][1] for _ in queries]
+
+    def answer_nll(pairs, queries, answers):
+        dependence.append([p[0].tobytes() for p in pairs])
+        assert len(queries) == len(answers) == 4 * 2  # a group of 4, each with both truths
+        return [0.0 for _ in answers]
+
+    result = task_recognition(follows, tasks, queries=8, shots=2, seed=3, queries_per_prompt=4)
+    assert result["accuracy"] == 1.0 and len(recognition) == 4
+    prompt_dependence(answer_nll, tasks, queries=8, shots=2, seed=3, queries_per_prompt=4)
+    assert recognition == dependence
+    with pytest.raises(DelvmError, match="queries_per_prompt"):
+        derain_scores(predict, examples, shots=2, queries_per_prompt=0)

@@ -5,6 +5,11 @@ with that shape, e.g. an oracle in tests) and examples at the tokenizer's resolu
 (`delvm.data.augment.resize_example`). Support pairs are drawn from the other examples of the
 same task (for segmentation: of the query's class), seeded. `prompt_dependence` generates nothing:
 it takes `answer_nll(pairs, queries, answers)` (`VisualPrompter.answer_nll`) instead.
+
+``queries_per_prompt`` (default 1: each query draws its own supports) lets that many queries, in
+order, share one draw, drawn from the examples outside the group: a prompter then encodes and
+prefills the pairs once for the group (`delvm.inference.generate.prefill`) and answers the
+group as one batch. The draws differ from one query per prompt, so scores do too.
 """
 
 from __future__ import annotations
@@ -35,16 +40,38 @@ AnswerNLL = Callable[[Sequence[Pair], Sequence[np.ndarray], Sequence[np.ndarray]
 
 
 def _supports(
-    examples: Sequence[Example], index: int, shots: int, rng: np.random.Generator
+    examples: Sequence[Example], group: Sequence[int], shots: int, rng: np.random.Generator
 ) -> list[Pair]:
-    others = [i for i in range(len(examples)) if i != index]
+    """Support pairs for the queries ``group`` (indices), drawn from the other examples."""
+    others = [i for i in range(len(examples)) if i not in group]
     chosen = rng.choice(others, size=min(shots, len(others)), replace=False)
     return [(examples[i].images[0], examples[i].images[1]) for i in chosen]
 
 
+def _groups(queries: int, per_prompt: int, examples: int, shots: int) -> list[list[int]]:
+    """Queries 0..queries-1 in order, ``per_prompt`` at a time (fewer where a group would leave
+    fewer than ``shots`` of the ``examples`` to draw supports from)."""
+    if per_prompt < 1:
+        raise DelvmError(f"queries_per_prompt must be >= 1, got {per_prompt}")
+    size = max(1, min(per_prompt, examples - shots))
+    return [list(range(i, min(i + size, queries))) for i in range(0, queries, size)]
+
+
+def _answers(
+    predict: Predict, examples: Sequence[Example], shots: int, per_prompt: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:  # fmt: skip
+    """Every example's input answered, in order, under supports from the other examples."""
+    outputs = []
+    for group in _groups(len(examples), per_prompt, len(examples), shots):
+        supports = _supports(examples, group, shots, rng)
+        outputs += predict(supports, [examples[i].images[0] for i in group])
+    return outputs
+
+
 def foreground_miou(
     predict: Predict, examples: Sequence[Example], shots: int = 3,
-    threshold: float = FOREGROUND_THRESHOLD, seed: int = 0,
+    threshold: float = FOREGROUND_THRESHOLD, seed: int = 0, queries_per_prompt: int = 1,
 ) -> dict:  # fmt: skip
     """Pascal-5i protocol: supports of the query's class; the output thresholded to a mask.
 
@@ -63,8 +90,8 @@ def foreground_miou(
     names = sorted(by_class)
     for class_index, name in enumerate(names):
         group = by_class[name]
-        for i, query in enumerate(group):
-            output = predict(_supports(group, i, shots, rng), [query.images[0]])[0]
+        outputs = _answers(predict, group, shots, queries_per_prompt, rng)
+        for query, output in zip(group, outputs, strict=True):
             truth = query.images[1].max(axis=2) > 127  # white, or any instance colour
             for kind, fold, mask in (
                 ("model", model, foreground_mask(output, threshold)),
@@ -87,16 +114,13 @@ def foreground_miou(
 
 
 def pose_scores(
-    predict: Predict, examples: Sequence[Example], shots: int = 3, seed: int = 0
-) -> dict:
+    predict: Predict, examples: Sequence[Example], shots: int = 3, seed: int = 0,
+    queries_per_prompt: int = 1,
+) -> dict:  # fmt: skip
     """Keypoints decoded from generated skeleton maps: PCK@0.2 and COCO AP (one person each)."""
-    rng = np.random.default_rng(seed)
-    predicted, truth = [], []
-    for i, query in enumerate(examples):
-        output = predict(_supports(examples, i, shots, rng), [query.images[0]])[0]
-        predicted.append(decode_skeleton(output))
-        truth.append(query.keypoints[0])
-    predicted, truth = np.stack(predicted), np.stack(truth)
+    outputs = _answers(predict, examples, shots, queries_per_prompt, np.random.default_rng(seed))
+    predicted = np.stack([decode_skeleton(output) for output in outputs])
+    truth = np.stack([query.keypoints[0] for query in examples])
     size = examples[0].images[0].shape[:2]
     black = np.zeros_like(truth)  # an all-black map decodes to no joints at all
     return {
@@ -108,14 +132,11 @@ def pose_scores(
 
 
 def derain_scores(
-    predict: Predict, examples: Sequence[Example], shots: int = 3, seed: int = 0
-) -> dict:
+    predict: Predict, examples: Sequence[Example], shots: int = 3, seed: int = 0,
+    queries_per_prompt: int = 1,
+) -> dict:  # fmt: skip
     """PSNR / SSIM of outputs against clean images; baseline: the rainy input unchanged."""
-    rng = np.random.default_rng(seed)
-    outputs = [
-        predict(_supports(examples, i, shots, rng), [query.images[0]])[0]
-        for i, query in enumerate(examples)
-    ]
+    outputs = _answers(predict, examples, shots, queries_per_prompt, np.random.default_rng(seed))
     clean = [e.images[1] for e in examples]
     model = psnr_ssim(outputs, clean)
     baseline = psnr_ssim([e.images[0] for e in examples], clean)
@@ -141,7 +162,7 @@ def _recognition_tasks(tasks: dict[str, Sequence[Example]], queries: int) -> lis
 
 def task_recognition(
     predict: Predict, tasks: dict[str, Sequence[Example]], queries: int, shots: int = 3,
-    seed: int = 0,
+    seed: int = 0, queries_per_prompt: int = 1,
 ) -> dict:  # fmt: skip
     """The paper's Figure 8 claim, measured: each query under every task's prompt; an output
     counts when it is nearest to the prompted task's truth for that query.
@@ -153,22 +174,26 @@ def task_recognition(
     names = _recognition_tasks(tasks, queries)
     hits = total = 0
     per_task = {name: 0 for name in names}
-    for q in range(queries):
-        query = tasks[names[0]][q].images[0]
-        truths = {name: tasks[name][q].images[1] for name in names}
+    fewest = min(len(tasks[name]) for name in names)
+    for group in _groups(queries, queries_per_prompt, fewest, shots):
+        group_queries = [tasks[names[0]][q].images[0] for q in group]
         outputs = {
-            name: predict(_supports(tasks[name], q, shots, rng), [query])[0] for name in names
+            name: predict(_supports(tasks[name], group, shots, rng), group_queries)
+            for name in names
         }
-        for name, ok in recognised(outputs, truths).items():
-            per_task[name] += ok
-            hits += ok
-            total += 1
+        for j, q in enumerate(group):
+            truths = {name: tasks[name][q].images[1] for name in names}
+            answers = {name: outputs[name][j] for name in names}
+            for name, ok in recognised(answers, truths).items():
+                per_task[name] += ok
+                hits += ok
+                total += 1
     return {"accuracy": hits / total, "per_task": {n: per_task[n] / queries for n in names}}
 
 
 def prompt_dependence(
     answer_nll: AnswerNLL, tasks: dict[str, Sequence[Example]], queries: int, shots: int = 3,
-    seed: int = 0,
+    seed: int = 0, queries_per_prompt: int = 1,
 ) -> dict:  # fmt: skip
     """Does the prompt change what the model expects? On a recognition set, every task's truth
     for a query is scored (teacher-forced nats per token) under every task's prompt; a truth
@@ -183,20 +208,21 @@ def prompt_dependence(
     names = _recognition_tasks(tasks, queries)
     nll = {prompt: dict.fromkeys(names, 0.0) for prompt in names}
     per_task = dict.fromkeys(names, 0)
-    for q in range(queries):
-        query = tasks[names[0]][q].images[0]
-        truths = [tasks[name][q].images[1] for name in names]
+    fewest = min(len(tasks[name]) for name in names)
+    for group in _groups(queries, queries_per_prompt, fewest, shots):
+        # Every truth of every query in the group, each after its query: one call per prompt.
+        rows = [(q, truth) for q in group for truth in names]
+        group_queries = [tasks[names[0]][q].images[0] for q, _ in rows]
+        truths = [tasks[truth][q].images[1] for q, truth in rows]
         scored = {
-            prompt: answer_nll(
-                _supports(tasks[prompt], q, shots, rng), [query] * len(names), truths
-            )
+            prompt: answer_nll(_supports(tasks[prompt], group, shots, rng), group_queries, truths)
             for prompt in names
         }
-        for j, truth in enumerate(names):
-            others = [scored[prompt][j] for prompt in names if prompt != truth]
-            per_task[truth] += all(scored[truth][j] < value for value in others)
+        for row, (_, truth) in enumerate(rows):
+            others = [scored[prompt][row] for prompt in names if prompt != truth]
+            per_task[truth] += all(scored[truth][row] < value for value in others)
             for prompt in names:
-                nll[prompt][truth] += scored[prompt][j] / queries
+                nll[prompt][truth] += scored[prompt][row] / queries
     return {
         "accuracy": sum(per_task.values()) / (queries * len(names)),
         "per_task": {name: per_task[name] / queries for name in names},

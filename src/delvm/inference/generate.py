@@ -5,8 +5,9 @@ prompt (three example pairs and a query). Every code is a valid token, so genera
 early; it always produces exactly ``max_new_tokens``.
 
 Many queries under the same example pairs share those pairs' tokens: `prefill` runs the prefix
-that every row of a batch shares once, at batch 1, and copies its keys and values to every row,
-so only the queries are prefilled per row.
+that every row of a batch shares once, at batch 1, into a cache every row reads (`KVCache` with a
+prefix), so only the queries are prefilled per row, and each decoding step reads the pairs' keys
+and values once for the whole batch instead of once per row.
 
 A smaller model with the same codes may draft tokens for the model (speculative decoding,
 Leviathan et al. 2023 / Chen et al. 2023): the draft proposes k codes one at a time, the model
@@ -134,17 +135,16 @@ def prefill(
     the logits of the last ``keep`` positions [B, keep, V].
 
     With ``share_prefix`` (and B > 1) the leading ids all rows share, up to the last ``keep``,
-    run once at batch 1 and their keys and values are copied into every row. The result equals
+    run once at batch 1 into a prefix cache that every row's cache reads. The result equals
     running every row whole, to float rounding (the matmuls see other shapes).
     """
     batch, length = ids.shape
     shared = min(shared_prefix_length(ids), length - keep) if share_prefix and batch > 1 else 0
-    cache = model.new_cache(batch, cache_len)
+    prefix = None
     if shared > 0:
         prefix = model.new_cache(1, shared)
         model.hidden_states(model.embed(ids[:1, :shared]), prefix)
-        cache.keys[:, :, :, :shared] = prefix.keys  # broadcast over the batch
-        cache.values[:, :, :, :shared] = prefix.values
+    cache = model.new_cache(batch, cache_len, prefix=prefix)
     hidden = model.hidden_states(model.embed(ids[:, shared:]), cache, start=shared)
     return cache, model.head(hidden[:, -keep:])
 
@@ -179,6 +179,8 @@ class Generator:
 
     With a ``draft`` model (same codes, e.g. the distilled student), it drafts ``draft_tokens``
     codes per pass of the model (speculative decoding); ``stats`` counts how many were kept.
+    The prefix all rows of a batch share is prefilled once (`prefill`) unless ``share_prefix``
+    is False.
     """
 
     def __init__(
@@ -187,8 +189,10 @@ class Generator:
         decode_dtype: torch.dtype | None = None,
         draft: VisualLM | None = None,
         draft_tokens: int = 4,
+        share_prefix: bool = True,
     ):
         self.model, self.draft, self.draft_tokens = model, draft, draft_tokens
+        self.share_prefix = share_prefix
         self.decoder = _decode_copy(model, decode_dtype)
         self.stats = DraftStats()
         if draft is not None:
@@ -203,17 +207,12 @@ class Generator:
 
     @torch.inference_mode()
     def __call__(
-        self,
-        prompt: Tensor,
-        max_new_tokens: int,
-        sampling: SamplingConfig | None = None,
-        share_prefix: bool = True,
+        self, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None
     ) -> Tensor:
         """Continue each prompt row [B, T] by exactly ``max_new_tokens`` codes; returns [B, N].
 
         All prompts in a batch have the same length (visual prompts are whole images). Sampled
         ids lie in ``0..codes-1``: logits of ids past the codebook (LVM's spare 100) are dropped.
-        The prefix all rows share is prefilled once (`prefill`) unless ``share_prefix=False``.
         """
         model, sampling = self.model, sampling or SamplingConfig()
         if prompt.dim() != 2 or prompt.shape[1] == 0:
@@ -239,11 +238,11 @@ class Generator:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
 
         prompt = prompt.to(device)
-        cache, logits = prefill(model, prompt, total, share_prefix=share_prefix)
+        cache, logits = prefill(model, prompt, total, share_prefix=self.share_prefix)
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         if self.draft is not None:
             out[:, 0] = next_token(logits[:, -1, :codes], sampling, generator)
-            draft_cache, _ = prefill(self.draft, prompt, total, share_prefix=share_prefix)
+            draft_cache, _ = prefill(self.draft, prompt, total, share_prefix=self.share_prefix)
             self._speculate(out, length, cache, draft_cache, sampling, generator)
             return out
         for step in range(max_new_tokens):

@@ -159,27 +159,86 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def attention_and_lse(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention of q [..., T, Dh] over k, v [..., S, Dh] (``mask`` [T, S]: True where a
+    query may look) and the log-sum-exp of its scores [..., T, 1], in fp32: attention over
+    disjoint sets of keys merges exactly by it."""
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = scores.logsumexp(-1, keepdim=True)
+    return (scores - lse).exp().to(v.dtype) @ v, lse
+
+
 class KVCache:
     """Preallocated keys and values for every layer: [layers, B, heads, max_len, head_dim] each.
 
     Its dtype may differ from the weights': on CPU, attention over a long cache is fastest in
     fp32 even when the weights are bf16 (this is what `delvm.inference.generate` uses for decoding).
+
+    A cache over a ``prefix`` (a filled batch-1 cache of the positions every row shares, e.g. a
+    prompt's example pairs) stores only the positions after it. Every row reads the prefix's
+    keys and values, held once: the rows' queries attend to them as one batch, and that part
+    and each row's own merge by their log-sum-exp (a cascade, as in Hydragen or FlashInfer).
     """
 
-    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype, device):
-        shape = (config.num_layers, batch, config.num_heads, max_len, config.head_dim)
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch: int,
+        max_len: int,
+        dtype,
+        device,
+        prefix: KVCache | None = None,
+    ):
+        self.prefix = prefix
+        self.offset = prefix.max_len if prefix is not None else 0  # positions the prefix holds
+        shape = (config.num_layers, batch, config.num_heads, max_len - self.offset, config.head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v [B, H, T, Dh] at positions start.. and return all keys/values so far."""
+        """Store k, v [B, H, T, Dh] at positions start.. and return this cache's keys/values
+        up to them (from position ``offset`` on)."""
         end = start + k.shape[2]
         if end > self.max_len:
             raise DelvmError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
+        if start < self.offset:
+            raise DelvmError(f"positions below {self.offset} belong to the shared prefix")
+        start, end = start - self.offset, end - self.offset
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def attend(self, layer: int, start: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store k, v [B, H, T, Dh] at positions start.. and attend q [B, H, T, Dh], the
+        queries at those positions, causally to every position so far."""
+        keys, values = self.update(layer, start, k, v)
+        q = q.to(keys.dtype)
+        batch, heads, length, dim = q.shape
+        mask = None  # one new query sees every cached position
+        if length > 1:  # query i sits at position start + i, key j at offset + j
+            rows = torch.arange(length, device=q.device)[:, None] + start - self.offset
+            mask = rows >= torch.arange(keys.shape[2], device=q.device)
+        if self.prefix is None:
+            causal = length > 1 and start == 0  # the whole prompt at once: the fast causal path
+            return F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=None if causal else mask, is_causal=causal
+            )
+        own, own_lse = attention_and_lse(q, keys, values, mask)
+        stacked = q.transpose(0, 1).reshape(1, heads, batch * length, dim)
+        shared, shared_lse = attention_and_lse(
+            stacked, self.prefix.keys[layer], self.prefix.values[layer], None
+        )
+        shared = shared.view(heads, batch, length, dim).transpose(0, 1)
+        shared_lse = shared_lse.view(heads, batch, length, 1).transpose(0, 1)
+        top = torch.maximum(own_lse, shared_lse)
+        own_weight, shared_weight = (own_lse - top).exp(), (shared_lse - top).exp()
+        merged = (own * own_weight + shared * shared_weight) / (own_weight + shared_weight)
+        return merged.to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -204,17 +263,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, Dh]
-        mask = None
-        if cache is not None:
-            k, v = cache.update(self.layer, start, k, v)
-            q = q.to(k.dtype)
-            if length == 1:
-                causal = False  # one new query may see every cached position
-            elif start > 0:
-                # A chunk after a cached prefix: query i sits at position start + i.
-                rows = torch.arange(length, device=x.device)[:, None] + start
-                mask, causal = rows >= torch.arange(start + length, device=x.device), False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            y = cache.attend(self.layer, start, q, k, v)
         return self.out(y.to(x.dtype).transpose(1, 2).reshape(batch, length, hidden))
 
 
@@ -409,9 +461,14 @@ class VisualLM(nn.Module):
         return self.head(h)
 
     def new_cache(
-        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+        self,
+        batch: int,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        prefix: KVCache | None = None,
     ) -> KVCache:
-        """An empty KV cache on this model's device (dtype: the weights' unless given)."""
+        """An empty KV cache on this model's device (dtype: the weights' unless given), after a
+        ``prefix`` every row shares if given (see `KVCache`)."""
         weight = self.head.weight
         return KVCache(
             self.config,
@@ -419,6 +476,7 @@ class VisualLM(nn.Module):
             max_len or self.config.max_seq_len,
             dtype or weight.dtype,
             weight.device,
+            prefix,
         )
 
 
