@@ -20,7 +20,9 @@ examples are drawn uniformly (repeats only when the task has fewer than k), each
 of its stored copies under `augment`, else as copy 0.
 
 The held-out split is by original example: a validation example's copies never reach training.
-Validation sentences use copy 0 of validation examples only and are fixed by the seed.
+Validation sentences use copy 0 of validation examples only and are fixed by the seed. A task
+given a validation store of its own (`val_stores`, e.g. pose validated on MPII as in the paper)
+trains on every example of the training store and validates on every example of that store.
 
 Noisy teacher forcing (`answer_noise` > 0, training sentences only): in what the model reads, the
 output image (last image) of every example after the first has a share r ~ U(0, answer_noise) of
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from delvm.data.store import BALANCE_MODES, TaskTokens, TokenStore
+from delvm.data.store import BALANCE_MODES, TaskTokens, TokenStore, open_store
 from delvm.errors import DelvmError
 
 # Separate random streams for the split, training sentences and validation sentences.
@@ -69,6 +71,13 @@ class SamplerConfig:
             raise DelvmError(f"data task_weights {self.task_weights}: weights must be >= 0")
         if not 0 <= self.answer_noise <= 1:
             raise DelvmError(f"data answer_noise = {self.answer_noise}: use a share in [0, 1]")
+
+
+def open_val_stores(paths: dict[str, str], fingerprint: str | None) -> dict[str, TokenStore]:
+    """``data.val_stores`` (task -> store folder) opened, each store once however many tasks
+    name it; ``fingerprint``: the run's tokenizer, as `open_store` checks it."""
+    opened = {path: open_store(path, fingerprint=fingerprint) for path in set(paths.values())}
+    return {task: opened[path] for task, path in paths.items()}
 
 
 class SentenceBatch(NamedTuple):
@@ -112,7 +121,13 @@ class Pool:
 class SentenceSampler:
     """Sentences from a store; implements the trainer's `SentenceSource`."""
 
-    def __init__(self, store: TokenStore, config: SamplerConfig, codebook: Tensor | None = None):
+    def __init__(
+        self,
+        store: TokenStore,
+        config: SamplerConfig,
+        codebook: Tensor | None = None,
+        val_stores: dict[str, TokenStore] | None = None,
+    ):
         if config.balance == "augment" and store.balance != "augment":
             raise DelvmError(
                 f"{store.path}: built with balance = {store.balance!r}, so it holds no augmented "
@@ -130,14 +145,58 @@ class SentenceSampler:
         self.tokenizer_fingerprint = store.fingerprint
         self.examples_per_sentence = {t: self._k(t) for t in self.tasks}
         self.sentence_tokens = self._sentence_tokens()
+        self.val_stores = dict(val_stores or {})
+        self._check_val_stores()
         self.train, self.val = {}, {}
+        self.val_tokens: dict[str, TaskTokens] = {}  # the rows `self.val[task]` points into
         for name in self.tasks:
             task = store.tasks[name]
-            train, val = self.split(name)
+            if name in self.val_stores:
+                train = np.arange(task.num_examples)
+                outside = self.val_stores[name].tasks[name]
+                self.val[name] = Pool.of(outside, np.arange(outside.num_examples), all_copies=False)
+                self.val_tokens[name] = outside
+            else:
+                train, val = self.split(name)
+                self.val[name] = Pool.of(task, val, all_copies=False)
+                self.val_tokens[name] = task
             self.train[name] = Pool.of(task, train, all_copies=config.balance == "augment")
-            self.val[name] = Pool.of(task, val, all_copies=False)
         self.weights = {t: self._weight(t) for t in self.tasks}
         self._val_cache: dict[int, list[SentenceBatch]] = {}
+
+    def _check_val_stores(self) -> None:
+        """Each validation store holds its task, tokenized as the training store is."""
+        for name, other in self.val_stores.items():
+            where = f"data.val_stores.{name} = {str(other.path)!r}"
+            if name not in self.store.tasks:
+                raise DelvmError(
+                    f"{where}: {name!r} is not a task of the training store {self.store.path} "
+                    f"({', '.join(self.tasks)})"
+                )
+            if name not in other.tasks:
+                raise DelvmError(
+                    f"{where}: that store holds no task {name!r} ({', '.join(sorted(other.tasks))})"
+                    f"; build it with task = {name!r}"
+                )
+            same = (other.fingerprint, other.tokens_per_image, other.num_codes) == (
+                self.store.fingerprint, self.image_tokens, self.vocab_size,
+            )  # fmt: skip
+            if not same:
+                raise DelvmError(
+                    f"{where}: tokenized with another tokenizer than {self.store.path}; build "
+                    "both with the same one"
+                )
+            if other.tasks[name].images_per_example != self.store.tasks[name].images_per_example:
+                raise DelvmError(
+                    f"{where}: {other.tasks[name].images_per_example} images per example, the "
+                    f"training store's {name} has {self.store.tasks[name].images_per_example}"
+                )
+
+    def val_source(self, name: str) -> str:
+        """Where a task's validation examples come from: its store, or the held-out split."""
+        if name in self.val_stores:
+            return str(self.val_stores[name].path)
+        return f"{self.config.val_fraction:g} of {self.store.path}"
 
     # -- layout and balancing
 
@@ -196,8 +255,14 @@ class SentenceSampler:
 
     # -- sentences
 
-    def _compose(self, draws: list[tuple[str, np.random.Generator]], pools: dict) -> SentenceBatch:
-        """One sentence per (task, rng); the token rows are gathered per task in one go."""
+    def _compose(
+        self,
+        draws: list[tuple[str, np.random.Generator]],
+        pools: dict[str, Pool],
+        tokens: dict[str, TaskTokens],
+    ) -> SentenceBatch:
+        """One sentence per (task, rng) from ``pools``, whose rows index ``tokens``; the rows
+        are gathered per task in one go."""
         length = self.sentence_tokens
         grouped: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         for b, (name, rng) in enumerate(draws):
@@ -207,8 +272,8 @@ class SentenceSampler:
             picks.append(rows)
         out = np.empty((len(draws), length), dtype=np.int64)
         for name, (positions, picks) in grouped.items():
-            tokens = self.store.tasks[name].tokens[np.concatenate(picks)]
-            out[positions] = tokens.reshape(len(positions), length)
+            rows = tokens[name].tokens[np.concatenate(picks)]
+            out[positions] = rows.reshape(len(positions), length)
         return SentenceBatch(torch.from_numpy(out), [name for name, _ in draws])
 
     def _noisy_inputs(self, ids: Tensor, draws: list[tuple[str, np.random.Generator]]) -> Tensor:
@@ -238,7 +303,7 @@ class SentenceSampler:
             rng = np.random.default_rng([self.config.seed, TRAIN, step, micro, row])
             u = rng.random() * cumulative[-1]
             draws.append((tasks[int(np.searchsorted(cumulative, u, side="right"))], rng))
-        batch = self._compose(draws, self.train)
+        batch = self._compose(draws, self.train, self.store.tasks)
         if self.config.answer_noise > 0:
             batch = batch._replace(inputs=self._noisy_inputs(batch.ids, draws))
         return batch
@@ -253,7 +318,7 @@ class SentenceSampler:
                 for j in range(self.config.val_sentences)
             ]
             self._val_cache[batch_size] = [
-                self._compose(draws[i : i + batch_size], self.val)
+                self._compose(draws[i : i + batch_size], self.val, self.val_tokens)
                 for i in range(0, len(draws), batch_size)
             ]
         return self._val_cache[batch_size]

@@ -3,8 +3,10 @@
 The held-out sentences are the sampler's fixed validation sentences: examples never seen in
 training, chosen by the run's own store, seed and split (val_fraction, val_sentences, seq_len),
 which `delvm eval` reads from the checkpoint's training state; flags override them, and name them
-for checkpoints without one. Figures come twice, labelled: over every token of the sentence
-(DeLVM's convention) and over the last image only (LVM's perplexity).
+for checkpoints without one. A task with a validation store of its own (the run's
+``data.val_stores``, or ``--val-store TASK=STORE``) is measured on all of that store instead, as
+the paper validates pose on MPII and deraining on Test2800. Figures come twice, labelled: over
+every token of the sentence (DeLVM's convention) and over the last image only (LVM's perplexity).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from delvm.data.sampler import SamplerConfig, SentenceSampler
+from delvm.data.sampler import SamplerConfig, SentenceSampler, open_val_stores
 from delvm.data.store import open_store
 from delvm.devices import add_device_argument, add_dtype_argument, inference_dtype, resolve_device
 from delvm.errors import DelvmError
@@ -62,6 +64,17 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _val_stores(args: argparse.Namespace, run: dict) -> dict[str, str]:
+    """Task -> validation store: the run's ``data.val_stores``, updated by ``--val-store``."""
+    stores = dict(run.get("val_stores", {}))
+    for given in args.val_store or []:
+        task, sep, path = given.partition("=")
+        if not (sep and task and path):
+            raise DelvmError(f"--val-store {given!r}: expected TASK=STORE, e.g. pose=stores/mpii")
+        stores[task] = path
+    return stores
+
+
 def _split(args: argparse.Namespace, run: dict, model: VisualLM) -> tuple[Path, SamplerConfig]:
     """The store and the validation split: each from its flag, else from the run's data config
     (``run``; empty for a checkpoint without training state), else the default."""
@@ -86,10 +99,15 @@ def _run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     folder = resolve_checkpoint(args.checkpoint)
     model = load_model(folder, device).to(inference_dtype(args.dtype, device))
-    store, config = _split(args, (run_config(folder) or {}).get("data", {}), model)
-    sampler = SentenceSampler(open_store(store, fingerprint=tokenizer_fingerprint(folder)), config)
-    print(f"{folder} on {store}: {config.val_sentences} held-out sentences of {config.seq_len} "
-          f"tokens per task (seed {config.seed}, val_fraction {config.val_fraction})")  # fmt: skip
+    run = (run_config(folder) or {}).get("data", {})
+    store, config = _split(args, run, model)
+    fingerprint = tokenizer_fingerprint(folder)
+    val_stores = open_val_stores(_val_stores(args, run), fingerprint)
+    sampler = SentenceSampler(open_store(store, fingerprint=fingerprint), config, None, val_stores)
+    print(f"{folder}: {config.val_sentences} validation sentences of {config.seq_len} tokens per "
+          f"task (seed {config.seed})")  # fmt: skip
+    for task in sampler.tasks:
+        print(f"  {task}: {sampler.val_source(task)}")
     result = evaluate(model, sampler, args.batch_size)
     table = markdown_table(result)
     print(table)
@@ -109,6 +127,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=None, help=run + "the model's context")
     p.add_argument("--val-fraction", type=float, default=None, help=run + "0.05")
     p.add_argument("--val-sentences", type=int, default=None, help=run + "16 per task")
+    p.add_argument("--val-store", action="append", metavar="TASK=STORE",
+                   help="validate TASK on all of STORE (its own validation set), not on the "
+                        "held-out split; repeatable; adds to the run's data.val_stores")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help=run + "0 (the data seed)")
     p.add_argument("--batch-size", type=int, default=4)
     add_device_argument(p)

@@ -19,6 +19,7 @@ from delvm.data.example import Example
 from delvm.data.sources.coco import iter_coco_keypoints
 from delvm.data.sources.common import Source
 from delvm.data.sources.image_folder import iter_image_folder
+from delvm.data.sources.mpii import iter_mpii
 from delvm.data.sources.paired import iter_paired_folders
 from delvm.data.sources.pascal import iter_pascal5i
 from delvm.data.sources.sa1b import iter_sa1b
@@ -54,6 +55,7 @@ def iter_toyworld_source(**settings) -> Source:
 SOURCES: dict[str, Callable[..., Source]] = {
     "paired": iter_paired_folders,
     "coco_keypoints": iter_coco_keypoints,
+    "mpii": iter_mpii,
     "sa1b": iter_sa1b,
     "pascal5i": iter_pascal5i,
     "video": iter_video,
@@ -84,6 +86,7 @@ __all__ = [
     "open_source",
     "iter_coco_keypoints",
     "iter_image_folder",
+    "iter_mpii",
     "iter_paired_folders",
     "iter_pascal5i",
     "iter_sa1b",

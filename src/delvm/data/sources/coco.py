@@ -114,6 +114,22 @@ def iter_coco_keypoints(
     if not image_dir.is_dir():
         raise DelvmError(f"{image_dir}: no such image folder (COCO source: check `image_dir`)")
     data = read_json(json_path)
+    return coco_keypoints_source(
+        data, json_path, image_dir, task, per_person, min_keypoints, box_scale
+    )
+
+
+def coco_keypoints_source(
+    data: dict,
+    json_path: Path,
+    image_dir: Path,
+    task: str = "pose",
+    per_person: bool = False,
+    min_keypoints: int = 1,
+    box_scale: float = 1.25,
+) -> Source:
+    """The source of COCO keypoints ``data``: read from ``json_path``, or converted from another
+    format to COCO's (`delvm.data.sources.mpii`)."""
     lists = isinstance(data, dict) and all(
         isinstance(data.get(key), list) for key in ("images", "annotations")
     )
