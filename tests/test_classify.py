@@ -379,6 +379,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     shutil.rmtree(final)  # as if the run had died after its step-2 checkpoint
     resumed = tiny_run(tmp_path / "run", "workers=1")  # loader workers do not change the data
     assert ClassifierTrainer(resumed).run() == result
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 3, 4]  # on from step 2
     weights = load_file(final / "model.safetensors")
     assert all(torch.equal(weights[k], uninterrupted[k]) for k in uninterrupted)
     with pytest.raises(DelvmError, match="different 'batch' setting"):
