@@ -1,6 +1,7 @@
 """The trainer: DDP/FSDP2 equivalence, exact resume after SIGKILL, KD, signals, continual stages."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -119,6 +120,28 @@ def test_the_trainer_distils_with_the_configured_weights_and_temperature(tmp_pat
     assert record["loss"] == pytest.approx(0.7 * gt + 1.3 * 2.0**2 * kl, rel=1e-5)
 
 
+def test_a_llama_teacher_distils_into_a_vit_student(tmp_path):
+    # kd_1b_to_80m's pairing at toy size: the 80M student has the ViT-style block, the 1B llama's.
+    source = PatternSentences()
+    models = {}
+    for seed, (name, shape) in enumerate((("student", "tiny-vit"), ("teacher", "tiny"))):
+        torch.manual_seed(seed)
+        models[name] = VisualLM(preset(shape, vocab_size=64, codebook_dim=16),
+                                codebook=source.codebook())  # fmt: skip
+        save_model(models[name], tmp_path / name)
+    config = tiny_config(tmp_path / "run", "model.preset='tiny-vit'",
+                         f"distill.teacher={str(tmp_path / 'teacher')!r}",
+                         f"init_from={str(tmp_path / 'student')!r}")  # fmt: skip
+    record = Trainer(config, source).train_step(source.tasks)
+    ids = torch.cat([source.train_batch(0, micro, range(2), source.tasks).ids for micro in (0, 1)])
+    with torch.no_grad():
+        student, teacher = (models[n](ids[:, :-1]).flatten(0, 1) for n in ("student", "teacher"))
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1),
+                  reduction="batchmean", log_target=True).item()  # fmt: skip
+    assert kl > 0.01  # the two models do disagree
+    assert record["loss_kd"] == pytest.approx(kl, rel=1e-5)
+
+
 def test_teacher_must_share_the_tokenizer(tmp_path):
     save_model(VisualLM(preset("tiny", vocab_size=128, codebook_dim=16)), tmp_path / "teacher")
     config = tiny_config(tmp_path / "run", f"distill.teacher={str(tmp_path / 'teacher')!r}")
@@ -169,6 +192,53 @@ def test_continual_stages_write_a_task_by_stage_matrix(tmp_path):
     table = (tmp_path / "run" / "stages.md").read_text().splitlines()
     assert table[0] == "| after stage (trained on) | pose | segmentation |"
     assert table[3].startswith("| 2 (pose) | ")
+
+
+def test_each_stages_own_lr_reaches_the_optimizer_at_that_stages_steps(tmp_path):
+    # Table 10's shape at toy size: stages of unequal length, each peaking lower than the last.
+    stages = [{"tasks": ["segmentation"], "steps": 3, "lr": 3e-3, "min_lr": 1e-3},
+              {"tasks": ["pose"], "steps": 5, "lr": 1e-3, "min_lr": 2e-4}]  # fmt: skip
+    config = tiny_config(tmp_path / "run", "steps=8", "lr_policy='rescale'", f"stages={stages!r}")
+    trainer = Trainer(config, PatternSentences())
+    seen, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([group["lr"] for group in trainer.optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.run()
+    # By hand: warmup_ratio 0.2 gives each stage one warmup step (round(0.6) and round(1.0)),
+    # then cosine from the stage's lr to its min_lr over its remaining steps.
+    c = math.cos(math.pi / 4)
+    expected = [3e-3, 3e-3, 1e-3 + 1e-3,  # stage 1: progress 0, 1/2
+                1e-3, 1e-3, 2e-4 + 4e-4 * (1 + c), 2e-4 + 4e-4, 2e-4 + 4e-4 * (1 - c)]  # fmt: skip
+    assert len(seen) == 8
+    for lrs, lr in zip(seen, expected, strict=True):
+        assert lrs == pytest.approx([lr] * len(lrs), rel=1e-12)
+
+
+def test_per_stage_lrs_are_checked_and_left_out_of_the_record_when_unset():
+    def refused(*overrides: str) -> str:
+        with pytest.raises(DelvmError) as err:
+            tiny_config("run", "steps=4", *overrides)
+        return str(err.value)
+
+    stage = "{'tasks': ['pose'], 'steps': 4, 'lr': 1e-3}"
+    assert refused(f"stages=[{stage}]") == (
+        "config stages[0].lr is set but lr_policy = 'continue' runs one cosine at optim.lr; "
+        'set lr_policy = "rescale" for per-stage lrs'
+    )
+    low = "stages=[{'tasks': ['pose'], 'steps': 4, 'lr': 1e-4}]"  # below tiny_config's min_lr
+    assert refused("lr_policy='rescale'", low) == (
+        "config stages[0]: min_lr 0.0003 must lie in 0..lr (0.0001)"
+    )
+    plain = tiny_config("run", "steps=4", "stages=[{'tasks': ['pose'], 'steps': 4}]")
+    # As a checkpoint recorded it before stages had lrs: resuming compares these dicts.
+    assert plain.to_dict()["stages"] == [{"tasks": ["pose"], "steps": 4}]
+    own = tiny_config("run", "steps=4", "lr_policy='rescale'", f"stages=[{stage}]")
+    assert own.to_dict()["stages"] == [{"tasks": ["pose"], "steps": 4, "lr": 1e-3}]
+    assert (own.stage_optim(0).lr, own.stage_optim(0).min_lr) == (1e-3, own.optim.min_lr)
 
 
 def logged_steps(out: Path) -> list[int]:

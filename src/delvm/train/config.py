@@ -12,7 +12,7 @@ import ast
 import tomllib
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -38,6 +38,9 @@ class DataSection:
     balance: str = "augment"  # none | resample | augment (augment: copies are in the store)
     task_weights: dict[str, float] = field(default_factory=dict)  # task -> relative weight
     val_fraction: float = 0.05  # held-out share of each task's original examples
+    # task -> a store of its own validation set (e.g. pose = MPII's): that task trains on all of
+    # `store` and validates on all of this one (delvm.data.sampler)
+    val_stores: dict[str, str] = field(default_factory=dict)
     val_sentences: int = 16  # per task, for the validation metrics
     seed: int = 0
     answer_noise: float = 0.0  # noisy teacher forcing (delvm.data.sampler); 0 = off
@@ -77,10 +80,14 @@ class DistillSection:
 
 @dataclass
 class StageSection:
-    """One continual-learning stage: train on `tasks` for `steps` optimizer steps."""
+    """One continual-learning stage: train on `tasks` for `steps` optimizer steps. Under
+    ``lr_policy = "rescale"`` a stage may set its own peak `lr` and floor `min_lr` (paper Table
+    10: each later stage peaks lower); unset, they are ``[optim]``'s."""
 
     tasks: list[str] = field(default_factory=list)
     steps: int = 0
+    lr: float | None = None
+    min_lr: float | None = None
 
 
 @dataclass
@@ -122,9 +129,37 @@ class TrainConfig:
                 f"config stages add up to {sum(s.steps for s in self.stages)} steps but steps = "
                 f"{self.steps}; make them agree"
             )
+        for i, stage in enumerate(self.stages):
+            own = [name for name in ("lr", "min_lr") if getattr(stage, name) is not None]
+            if own and self.lr_policy != "rescale":
+                raise DelvmError(
+                    f"config stages[{i}].{own[0]} is set but lr_policy = {self.lr_policy!r} runs "
+                    'one cosine at optim.lr; set lr_policy = "rescale" for per-stage lrs'
+                )
+            optim = self.stage_optim(i)
+            if own and not 0 <= optim.min_lr <= optim.lr:
+                raise DelvmError(
+                    f"config stages[{i}]: min_lr {optim.min_lr} must lie in 0..lr ({optim.lr})"
+                )
+
+    def stage_optim(self, index: int) -> OptimSection:
+        """``[optim]`` with stage ``index``'s own lr / min_lr where it sets them."""
+        stage = self.stages[index]
+        own = {name: getattr(stage, name) for name in ("lr", "min_lr")}
+        return replace(self.optim, **{k: v for k, v in own.items() if v is not None})
+
+    def tokens_per_step(self, world_size: int) -> int:
+        """Tokens per optimizer step on ``world_size`` ranks (the paper's 262,144)."""
+        return self.micro_batch * self.grad_accum * world_size * self.data.seq_len
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        # A stage's unset lr / min_lr are left out: a checkpoint whose config predates them
+        # compares equal on resume.
+        values["stages"] = [
+            {k: v for k, v in stage.items() if v is not None} for stage in values["stages"]
+        ]
+        return values
 
 
 def build_config(cls: type, values: dict, where: str, key: str = "") -> Any:

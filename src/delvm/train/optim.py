@@ -30,12 +30,21 @@ def cosine_lr(step: int, total: int, optim: OptimSection) -> float:
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def stage_lr(step: int, stage_bounds: list[tuple[int, int]], policy: str, optim) -> float:
+def stage_lr(
+    step: int,
+    stage_bounds: list[tuple[int, int]],
+    policy: str,
+    optim: OptimSection,
+    stage_optims: list[OptimSection] | None = None,
+) -> float:
     """Continual learning (paper Table 10): one cosine over all stages (``continue``) or a fresh
-    warmup + cosine inside each stage (``rescale``). ``stage_bounds``: [(first_step, steps)]."""
-    if policy == "continue" or len(stage_bounds) <= 1:
+    warmup + cosine inside each stage (``rescale``). ``stage_bounds``: [(first_step, steps)];
+    ``stage_optims``: each stage's settings under ``rescale`` (its own lr / min_lr), else
+    ``optim`` for every stage."""
+    if policy == "continue":
         return cosine_lr(step, sum(n for _, n in stage_bounds), optim)
-    for first, steps in stage_bounds:
+    per_stage = stage_optims or [optim] * len(stage_bounds)
+    for (first, steps), settings in zip(stage_bounds, per_stage, strict=True):
         if step < first + steps:
-            return cosine_lr(step - first, steps, optim)
-    return optim.min_lr
+            return cosine_lr(step - first, steps, settings)
+    return per_stage[-1].min_lr

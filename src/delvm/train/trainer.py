@@ -14,6 +14,8 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -92,6 +94,16 @@ def stage_plan(config: TrainConfig, tasks: list[str]) -> list[tuple[int, int, li
     return plan
 
 
+def lr_schedule(
+    config: TrainConfig, plan: list[tuple[int, int, list[str]]]
+) -> Callable[[int], float]:
+    """The lr the trainer sets for optimizer step ``step`` (0-based) over `stage_plan`'s stages:
+    warmup + cosine by ``lr_policy``, each stage at its own lr / min_lr where it sets them."""
+    stage_optims = [config.stage_optim(i) for i in range(len(config.stages))] or None
+    return partial(stage_lr, stage_bounds=[(first, steps) for first, steps, _ in plan],
+                   policy=config.lr_policy, optim=config.optim, stage_optims=stage_optims)  # fmt: skip
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, source: SentenceSource, world: World | None = None):
         self.config, self.source = config, source
@@ -134,11 +146,7 @@ class Trainer:
             )
 
         self.plan = stage_plan(config, source.tasks)
-        micro_rows = config.micro_batch
-        self.global_rows = micro_rows * self.world.size
-        self.tokens_per_step = (
-            self.global_rows * config.grad_accum * config.data.seq_len
-        )  # the paper's 262,144
+        self.tokens_per_step = config.tokens_per_step(self.world.size)
         self.autocast = training_autocast(config.precision, self.device)
         self.step = 0
         self.history: list[dict] = []
@@ -260,6 +268,7 @@ class Trainer:
         self.resume()
         logger = RunLogger(self.out, world.is_main, config.tensorboard)
         bounds = [(first, steps) for first, steps, _ in self.plan]
+        lr_at = lr_schedule(config, self.plan)
         flops = 6 * sum(p.numel() for p in self.bare.parameters() if p.requires_grad)
         if world.is_main:
             print(
@@ -272,7 +281,7 @@ class Trainer:
             self.model.train()
             while self.step < config.steps:
                 stage = next(i for i, (f, n, _) in enumerate(self.plan) if self.step < f + n)
-                lr = stage_lr(self.step, bounds, config.lr_policy, config.optim)
+                lr = lr_at(self.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 start = time.perf_counter()
