@@ -22,6 +22,7 @@ from delvm.data.store import TaskArrays, load_build_config, open_store, write_st
 from delvm.errors import DelvmError
 from delvm.model.checkpoint import save_model
 from delvm.model.transformer import VisualLM, preset
+from delvm.train.cli import open_sentences
 from delvm.train.config import load_config
 from delvm.train.trainer import Trainer
 
@@ -102,6 +103,19 @@ def test_validation_stores_must_fit_the_training_store(stores, tmp_path):
         sampler(stores, {"pose": open_store(tmp_path / "clips")})
 
 
+def test_a_run_names_its_validation_stores_in_its_data_section(stores):
+    mpii = str(stores / "mpii")
+    settings = [f"data.store={str(stores / 'train')!r}", f"data.seq_len={SEQ}",
+                "data.balance='none'", f"data.val_stores={{'pose': {mpii!r}}}"]  # fmt: skip
+    config = load_config(None, settings)
+    assert config.data.val_stores == {"pose": str(stores / "mpii")}
+    assert open_sentences(config).val_source("pose") == str(stores / "mpii")  # `delvm train`
+    val_stores = open_val_stores({"pose": str(stores / "mpii"), "seg": str(stores / "mpii")}, None)
+    assert val_stores["pose"] is val_stores["seg"]  # one store opened once
+    with pytest.raises(DelvmError, match="built with tokenizer 0000000000000000, but this run"):
+        open_val_stores({"pose": str(stores / "mpii")}, "1" * 16)
+
+
 def by_hand_loss(model: VisualLM) -> float:
     """The loss of every validation-store pose sentence: all of them are CONSTANT codes."""
     ids = torch.full((1, SEQ), CONSTANT)
@@ -171,7 +185,8 @@ def write_mpii(root):
         {"image": "b.jpg", "joints": joints, "joints_vis": [1] * 16, "center": [41, 31],
          "scale": 0.25},
         {"image": "a.jpg", "joints": [[1, 2]], "joints_vis": [1], "center": [1, 1], "scale": 1},
-        {"image": "gone.jpg", "joints": joints, "joints_vis": vis, "center": [41, 31], "scale": 0.2},
+        {"image": "gone.jpg", "joints": joints, "joints_vis": vis, "center": [41, 31],
+         "scale": 0.2},
     ]  # fmt: skip
     (root / "valid.json").write_text(json.dumps(records))
     return root

@@ -12,7 +12,7 @@ from delvm.train.config import TrainConfig, load_config
 
 def open_sentences(config: TrainConfig):
     """The store-backed sentence source for a run, checked against the run's tokenizer."""
-    from delvm.data.sampler import SentenceSampler
+    from delvm.data.sampler import SentenceSampler, open_val_stores
     from delvm.data.store import open_store
 
     if not config.data.store:
@@ -24,7 +24,8 @@ def open_sentences(config: TrainConfig):
         tokenizer = load_tokenizer(config.tokenizer)
         codebook, fingerprint = tokenizer.codebook.detach().clone(), tokenizer.fingerprint()
     store = open_store(config.data.store, fingerprint=fingerprint)
-    return SentenceSampler(store, config.data.sampler_config(), codebook)
+    val_stores = open_val_stores(config.data.val_stores, fingerprint)
+    return SentenceSampler(store, config.data.sampler_config(), codebook, val_stores)
 
 
 def _train(args: argparse.Namespace) -> None:
