@@ -107,5 +107,5 @@ def test_checkpoint_bad_input(tmp_path):
     (tmp_path / "other" / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(DelvmError, match="do not match the config"):
         load_model(tmp_path / "other")
-    with pytest.raises(DelvmError, match="no such checkpoint folder"):
+    with pytest.raises(DelvmError, match="no such checkpoint or run folder"):
         load_model(tmp_path / "missing")
