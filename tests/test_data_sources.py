@@ -238,6 +238,40 @@ def test_coco_keypoints_per_image_and_per_person(tmp_path):
         assert (decoded[:, 2] == 2).all() and np.median(error) < 1.0
 
 
+def test_coco_min_keypoints_and_box_scale(tmp_path):
+    image = photo(120, 160)
+    save(tmp_path / "images" / "1.png", image)
+    few = coco_person(115, 60, 12)
+    for joint in range(3, 17):  # only the nose and the eyes labelled
+        few[3 * joint + 2] = 0
+    annotations = [
+        {"id": 10, "image_id": 1, "category_id": 1, "keypoints": coco_person(50, 60, 12),
+         "bbox": [30, 10, 40, 100]},
+        {"id": 11, "image_id": 1, "category_id": 1, "keypoints": few},
+    ]  # fmt: skip
+    path = coco_file(tmp_path, annotations, [{"id": 1, "file_name": "1.png"}])
+
+    def persons(**settings) -> list[Example]:
+        return split(iter_coco_keypoints(path, tmp_path / "images", per_person=True, **settings))[0]
+
+    names = {n: [p.source.rsplit("#", 1)[1] for p in persons(min_keypoints=n)] for n in (3, 4)}
+    assert names == {3: ["person=10", "person=11"], 4: ["person=10"]}
+    (whole,) = split(iter_coco_keypoints(path, tmp_path / "images", min_keypoints=4))[0]
+    assert whole.keypoints.shape == (1, 17, 3)
+
+    # The square around the 40 x 100 box centred at (50, 60), its side 100 x box_scale; black
+    # where it leaves the 160 x 120 photo; the joints moved with it.
+    truth = np.asarray(coco_person(50, 60, 12)).reshape(17, 3)
+    for scale, (left, top, side) in ((1.0, (0, 10, 100)), (2.0, (-50, -40, 200))):
+        person = persons(box_scale=scale)[0]
+        expected = np.zeros((side, side, 3), np.uint8)
+        y0, x0 = max(top, 0), max(left, 0)
+        y1, x1 = min(top + side, 120), min(left + side, 160)
+        expected[y0 - top : y1 - top, x0 - left : x1 - left] = image[y0:y1, x0:x1]
+        np.testing.assert_array_equal(person.images[0], expected)
+        np.testing.assert_allclose(person.keypoints[0, :, :2], truth[:, :2] - [left, top])
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -390,6 +424,25 @@ def test_pascal5i_fold_classes_and_splits(tmp_path):
     sbd.write_text("/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n")
     (only,) = split(iter_pascal5i(root, fold=1, split="val", list_file=sbd))[0]
     assert only.meta["class"] == "car"
+
+
+def test_pascal5i_min_pixels_and_mask_dir(tmp_path):
+    root, labels = voc_root(tmp_path)
+    assert np.count_nonzero(labels == 1) == 300  # the aeroplane of 2007_000032
+    for min_pixels, count in ((300, 1), (301, 0)):
+        examples, _ = split(iter_pascal5i(root, fold=0, split="val", min_pixels=min_pixels))
+        assert len(examples) == count
+    # Masks from another folder: only the images it holds a mask for, read from there.
+    other = np.zeros((40, 60), np.uint8)
+    other[30:38, 2:12] = 1
+    (root / "MyMasks").mkdir()
+    Image.fromarray(other, mode="P").save(root / "MyMasks" / "2007_000032.png")
+    examples, skipped = split(iter_pascal5i(root, fold=0, split="val", mask_dir="MyMasks"))
+    (aeroplane,) = examples
+    np.testing.assert_array_equal(
+        aeroplane.images[1], np.repeat((other == 1)[..., None], 3, 2) * 255
+    )
+    assert sum("no such mask" in s.reason for s in skipped) == 3
 
 
 def test_pascal5i_bad_settings_are_clear_errors(tmp_path):
