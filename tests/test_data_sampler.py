@@ -272,15 +272,22 @@ def test_the_trainer_reads_the_noisy_answers(store, tmp_path):
     from delvm.train.trainer import Trainer
 
     config = load_config(None, [
-        f"out={str(tmp_path / 'run')!r}", "micro_batch=2", "data.seq_len=32",
+        f"out={str(tmp_path / 'run')!r}", "micro_batch=2", "data.seq_len=32", "precision='fp32'",
         "model.overrides={'embedding': 'learned', 'vocab_size': 16384, 'hidden_size': 16, "
         "'intermediate_size': 32, 'num_heads': 2, 'num_layers': 1, 'max_seq_len': 32}",
     ])  # fmt: skip
     s = SentenceSampler(store, SamplerConfig(seq_len=32, answer_noise=1.0))
     trainer = Trainer(config, s)
-    seen, forward = [], trainer.forward
-    trainer.forward = lambda inputs: seen.append(inputs.clone()) or forward(inputs)
-    trainer.train_step(s.tasks)
     batch = s.train_batch(0, 0, range(2), s.tasks)
     assert not torch.equal(batch.inputs, batch.ids[:, :-1])
+    # The model reads the noisy answers; the loss scores its predictions against the true codes:
+    # the same sentence drawn without answer noise.
+    truth = sampler(store).train_batch(0, 0, range(2), s.tasks).ids
+    with torch.no_grad():
+        logits = trainer.bare(batch.inputs)
+    expected = F.cross_entropy(logits.flatten(0, 1), truth[:, 1:].flatten()).item()
+    seen, forward = [], trainer.forward
+    trainer.forward = lambda inputs: seen.append(inputs.clone()) or forward(inputs)
+    record = trainer.train_step(s.tasks)
     assert torch.equal(seen[0], batch.inputs)
+    assert record["loss"] == pytest.approx(expected, rel=1e-5)
