@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks in one prepared run (bf16 autocast, flash SDPA): trainer tokens/s and MFU for
-# the paper's 300m config, then model throughput against transformers. Run from the repository
-# root on a CUDA machine with delvm installed:  bash benchmarks/gpu.sh
+# The GPU checks in one prepared run (bf16, flash SDPA): trainer tokens/s and MFU for the paper's
+# 300m config, model throughput against transformers, then prompting: a task evaluation with and
+# without the shared-prefix cache, and the wall time of a 1,000-query Pascal-5i-shaped evaluation
+# with 16 queries per support pair (and of 100 queries with a pair each, Bar et al.'s protocol:
+# one batch-1 generation per query). Run from the repository root on a CUDA machine with delvm
+# installed:  bash benchmarks/gpu.sh
 # PEAK_TFLOPS: the device's dense bf16 peak (H100/H200 SXM: 989).
 set -euo pipefail
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
@@ -9,3 +12,6 @@ python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pri
 python benchmarks/train_throughput.py --device cuda --preset 300m --seq-len 2048 \
     --micro-batch 8 --repeats 5 --peak-tflops "$PEAK_TFLOPS"
 python benchmarks/model_throughput.py --device cuda --batches 1 8
+python benchmarks/prompting_speed.py prefix --device cuda --hidden 1024 --layers 22
+python benchmarks/prompting_speed.py pascal --device cuda --queries 1000 --per-prompt 16
+python benchmarks/prompting_speed.py pascal --device cuda --queries 100 --per-prompt 1

@@ -190,3 +190,36 @@ def test_answer_nll_of_rows_sharing_a_prefix_equals_each_row_alone():
     alone = [prompter.answer_nll([pair], [query], [answer])[0] for answer in answers]
     assert together == pytest.approx(alone, rel=1e-5)
     assert len(set(together)) == 3
+
+
+def cacheless_speculation(target, draft, prompt, new, k) -> tuple[list[int], int, int]:
+    """Greedy speculative decoding by full forward passes, no caches: codes, passes, kept."""
+    argmax = lambda model, seq: int(model(torch.tensor([seq]))[0, -1].argmax())  # noqa: E731
+    seq = prompt.tolist()
+    with torch.no_grad():
+        seq.append(argmax(target, seq))
+        passes = kept = 0
+        while len(seq) - len(prompt) < new:
+            proposal = []
+            for _ in range(min(k, new - (len(seq) - len(prompt)) - 1)):
+                proposal.append(argmax(draft, seq + proposal))
+            n = 0
+            while n < len(proposal) and proposal[n] == argmax(target, seq + proposal[:n]):
+                n += 1
+            seq += proposal[:n] + [argmax(target, seq + proposal[:n])]
+            passes, kept = passes + 1, kept + n
+    return seq[len(prompt) :], passes, kept
+
+
+@pytest.mark.parametrize("draft_tokens", [2, 5])
+def test_drafts_are_what_the_draft_predicts_after_the_kept_codes(target, draft_tokens):
+    """The draft's cache follows the kept codes: its proposals, and so how many are kept and
+    how many passes run, are those of a cacheless reference."""
+    draft = drafts(target)["noisy"]
+    prompt = torch.randint(0, target.config.vocab_size, (1, 20))
+    generator = Generator(target, draft=draft, draft_tokens=draft_tokens)
+    out = generator(prompt, 30, GREEDY)
+    codes, passes, kept = cacheless_speculation(target, draft, prompt[0], 30, draft_tokens)
+    assert out[0].tolist() == codes
+    assert (generator.stats.passes, generator.stats.accepted) == (passes, kept)
+    assert 0 < kept < generator.stats.drafted

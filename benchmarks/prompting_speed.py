@@ -1,0 +1,347 @@
+"""Prompting at speed, measured side by side in one process (ratios are what carries over).
+
+    python benchmarks/prompting_speed.py prefix               # the shared-prefix cache
+    python benchmarks/prompting_speed.py draft --work DIR     # speculative decoding
+    python benchmarks/prompting_speed.py pascal --device cuda # a 1,000-query Pascal-5i shape
+
+``prefix``: a task evaluation, 24 queries under the same 3 example pairs (256-token images, a
+small untrained model and tokenizer: speed does not depend on the weights), answered three ways:
+one query per call (as the task scorers call a prompter: the pairs encoded and prefilled every
+time), one call with every row prefilled whole, and one call with the pairs prefilled once.
+Every way must give the same images.
+
+``pascal``: the shape of a Pascal-5i evaluation (`delvm eval-pascal5i`): 1,000 segmentation
+queries, one support pair each (Bar et al.'s protocol) or ``--per-prompt`` queries sharing one,
+through the paper's f16 tokenizer and 300m model (untrained): the wall time of the whole
+evaluation, and images/s. Meant for a GPU (bf16 weights and cache); on a CPU pass fewer queries.
+
+``draft``: a teacher and a student distilled from it, trained on the toy world in DIR (the
+demo's world, tokenizer and store; the first run trains them, later runs reuse them). Held-out
+queries of every task are answered greedily at batch 1 by the teacher alone and with the student
+drafting k codes per pass, with the tokens/s of each, the share of drafts kept, and every code
+where the output differs from the teacher's own, split into near-ties (the two codes' logits
+within bf16 rounding of each other, where a pass over k + 1 codes may round otherwise than a
+one-code step) and real differences (expected zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from delvm.inference.generate import Generator, SamplingConfig
+from delvm.inference.prompting import VisualPrompter
+from delvm.model.transformer import VisualLM, preset
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+def table(header: tuple[str, ...], rows: list[tuple]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print(" | ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def wall(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+class Recording:
+    """A generator that keeps what it generated: answers are compared as codes (decoding a
+    batch rounds a few pixels otherwise than decoding one image)."""
+
+    def __init__(self, generator: Generator):
+        self.generator, self.codes = generator, []
+
+    def __call__(self, *args) -> torch.Tensor:
+        self.codes.append(self.generator(*args))
+        return self.codes[-1]
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
+
+
+def on_device(model: VisualLM, tokenizer, device: torch.device) -> dict:
+    """Move both; the prompter's arguments for the device: on a GPU bf16 weights and cache, on
+    a CPU fp32 weights for the prefill and bf16 copies for decoding (as `load_prompter`)."""
+    if device.type == "cuda":
+        model.to(device, torch.bfloat16)
+        tokenizer.to(device)
+        return {"decode_dtype": None}
+    return {"decode_dtype": torch.bfloat16}
+
+
+def synced(fn, device: torch.device):
+    def run():
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return result
+
+    return run
+
+
+# ---- the shared-prefix cache ---------------------------------------------------------------
+
+
+def prefix_benchmark(args: argparse.Namespace) -> None:
+    from delvm.data.toyworld import ToyWorldConfig, toyworld_example
+    from delvm.tokenizer import VQGAN
+    from delvm.tokenizer import preset as tokenizer_preset
+
+    torch.manual_seed(0)
+    # 128 px through an f8 tokenizer: 16 x 16 = 256 codes per image, as the paper's images.
+    tokenizer = VQGAN(tokenizer_preset("cpu-64-f8-1024", resolution=128, norm="group")).eval()
+    tokens = tokenizer.grid_size**2
+    config = preset(
+        "tiny", vocab_size=tokenizer.num_codes, codebook_dim=tokenizer.codebook.shape[1],
+        hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_heads=args.hidden // 64,
+        num_layers=args.layers, max_seq_len=(2 * args.shots + 2) * tokens,
+    )  # fmt: skip
+    model = VisualLM(config, codebook=tokenizer.codebook.detach()).eval()
+    world = ToyWorldConfig(resolution=128)
+    examples = [toyworld_example(world, "derain", i) for i in range(args.shots + args.queries)]
+    pairs = [tuple(e.images) for e in examples[: args.shots]]
+    queries = [e.images[0] for e in examples[args.shots :]]
+
+    device = torch.device(args.device)
+    settings = on_device(model, tokenizer, device)
+    # One batch for all queries, so that the prefix is prefilled once.
+    prompters = {
+        share: VisualPrompter(model, tokenizer, batch_size=args.queries, **settings)
+        for share in (False, True)
+    }
+    for share, prompter in prompters.items():
+        generator = Generator(model, settings["decode_dtype"], share_prefix=share)
+        prompter(pairs, queries[:2])  # warm-up: allocator, kernels
+        prompter.generator = Recording(generator)
+    whole, shared = prompters[False], prompters[True]
+    ways = {
+        "one query per call (the scorers' loop)": lambda: [shared(pairs, [q])[0] for q in queries],
+        "one call, every row prefilled whole": lambda: whole(pairs, queries),
+        "one call, pairs prefilled once": lambda: shared(pairs, queries),
+    }
+    times, codes = {}, {}
+    for name, run in ways.items():
+        shared.generator.codes.clear()
+        whole.generator.codes.clear()
+        times[name], _ = wall(synced(run, device))
+        codes[name] = torch.cat(shared.generator.codes + whole.generator.codes)
+    reference = codes["one call, pairs prefilled once"]
+    print(
+        f"task evaluation: {args.queries} queries under {args.shots} pairs of {tokens}-token "
+        f"images, model {args.hidden} x {args.layers} layers, bf16 decode; {machine(device)}"
+    )
+    rows = []
+    for name in ways:
+        same = int((codes[name] == reference).all(1).sum())
+        slower = times[name] / times["one call, pairs prefilled once"]
+        rows.append((name, f"{times[name]:.1f} s", f"{slower:.2f}x", f"{same}/{len(queries)}"))
+    table(("way", "wall time", "time vs pairs prefilled once", "same answer codes"), rows)
+    before = times["one call, every row prefilled whole"]
+    after = times["one call, pairs prefilled once"]
+    print(f"shared prefix: {before:.1f} s -> {after:.1f} s, {before / after:.2f}x")
+
+
+# ---- speculative decoding ------------------------------------------------------------------
+
+TEACHER = {"hidden_size": 512, "intermediate_size": 1376, "num_heads": 8, "num_layers": 6}
+STUDENT = {"hidden_size": 192, "intermediate_size": 512, "num_heads": 6, "num_layers": 2}
+
+
+def train_pair(work: Path, steps: int, tokenizer_steps: int):
+    """The demo's world, tokenizer and store; a teacher on them; a student distilled from it.
+    Returns the demo (its world, tokenizer, teacher) and the student's checkpoint; trained
+    once, then reused."""
+    from delvm.demo.pipeline import Demo, load_demo_config
+    from delvm.train.cli import open_sentences
+    from delvm.train.config import TrainConfig, build_config
+    from delvm.train.trainer import Trainer
+
+    config = load_demo_config(
+        "demo",
+        [f"out={work / 'teacher'}", f"train.steps={steps}", f"tokenizer.steps={tokenizer_steps}"],
+    )
+    config.train["model"]["overrides"] = {**TEACHER, "max_seq_len": 256}
+    demo = Demo(config)
+    demo.check_settings()
+    for stage in ("world", "tokenizer", "store", "lvm"):
+        getattr(demo, stage)()
+    teacher = demo.checkpoint
+    values = demo.train_config().to_dict()
+    values.update(out=str(work / "student"))
+    values["model"]["overrides"] = {**STUDENT, "max_seq_len": 256}
+    values["distill"]["teacher"] = str(teacher)
+    student_config = build_config(TrainConfig, values, "student")
+    student = Path(student_config.out) / "checkpoints" / f"step-{steps:06d}"
+    if not student.exists():
+        Trainer(student_config, open_sentences(student_config)).run()
+    return demo, student
+
+
+def held_out_prompts(prompter: VisualPrompter, world, per_task: int) -> torch.Tensor:
+    """Token prompts [n, T] from a held-out toy world (the demo's, another seed, no mixed
+    scenes, as its scores): one example pair, then the query."""
+    from delvm.data.toyworld import TASKS, toyworld_example
+
+    world = replace(world, seed=world.seed + 1000, mixed=0.0)
+    prompts = []
+    for task in TASKS:
+        for i in range(per_task):
+            support, query = (toyworld_example(world, task, 2 * i + j) for j in (0, 1))
+            prompts.append(prompter._context_ids([tuple(support.images)]))
+            prompts[-1] = torch.cat([prompts[-1], prompter.encode([query.images[0]])], dim=1)
+    return torch.cat(prompts)
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    differ = (a != b).nonzero()
+    return int(differ[0]) if len(differ) else None
+
+
+def classify_differences(decoder: VisualLM, prompts, reference, outputs) -> tuple[int, int]:
+    """Per differing row, the first differing code: a near-tie if the teacher's (bf16) logits of
+    the two codes, recomputed in one pass over the shared context, lie within bf16 rounding."""
+    ties = real = 0
+    for prompt, ref, out in zip(prompts, reference, outputs, strict=True):
+        j = first_difference(ref, out)
+        if j is None:
+            continue
+        with torch.inference_mode():
+            logits = decoder(torch.cat([prompt, ref[:j]])[None])[0, -1].float()
+        gap = (logits[ref[j]] - logits[out[j]]).abs()
+        ties += bool(gap <= 2**-7 * logits.abs().max())  # bf16 keeps 8 significant bits
+        real += not bool(gap <= 2**-7 * logits.abs().max())
+    return ties, real
+
+
+def draft_benchmark(args: argparse.Namespace) -> None:
+    from delvm.data.toyworld import ToyWorldConfig
+    from delvm.model.checkpoint import load_model
+    from delvm.tokenizer import load_tokenizer
+
+    demo, student_path = train_pair(args.work, args.steps, args.tokenizer_steps)
+    tokenizer = load_tokenizer(demo.tokenizer_folder)
+    teacher = load_model(demo.checkpoint, "cpu").eval()
+    student = load_model(student_path, "cpu").eval()
+    prompter = VisualPrompter(teacher, tokenizer)
+    prompts = held_out_prompts(prompter, ToyWorldConfig(**demo.config.world), args.per_task)
+    new = prompter.image_tokens
+
+    def run(generator: Generator) -> tuple[float, torch.Tensor]:
+        generator(prompts[:1], new, GREEDY)  # warm-up
+        generator.stats = replace(generator.stats, passes=0, drafted=0, accepted=0)
+        return wall(lambda: torch.cat([generator(p[None], new, GREEDY) for p in prompts]))
+
+    alone = Generator(teacher, torch.bfloat16)
+    base_time, reference = run(alone)
+    base_speed = len(prompts) * new / base_time
+    print(
+        f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters, student "
+        f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M; {len(prompts)} held-out "
+        f"queries, {new} codes each, greedy, batch 1, bf16 decode; {machine(torch.device('cpu'))}"
+    )
+    rows = [("teacher alone", "", f"{base_speed:.1f}", "1.00x", "", "", "")]
+    for k in args.draft_tokens:
+        generator = Generator(teacher, torch.bfloat16, draft=student, draft_tokens=k)
+        seconds, outputs = run(generator)
+        ties, real = classify_differences(alone.decoder, prompts, reference, outputs)
+        speed = len(prompts) * new / seconds
+        rows.append(
+            ("teacher + student draft", k, f"{speed:.1f}", f"{speed / base_speed:.2f}x",
+             f"{generator.stats.acceptance:.1%}", f"{int((outputs != reference).sum())}",
+             f"{ties} near-tie / {real} real")
+        )  # fmt: skip
+    table(
+        ("decoding", "draft length", "tokens/s", "vs alone", "drafts kept",
+         "codes differing", "first differences"),
+        rows,
+    )  # fmt: skip
+
+
+# ---- a Pascal-5i-shaped evaluation -------------------------------------------------------------
+
+
+def pascal_benchmark(args: argparse.Namespace) -> None:
+    from delvm.data.example import Example
+    from delvm.evaluation.task_scores import foreground_miou
+    from delvm.tokenizer import VQGAN
+    from delvm.tokenizer import preset as tokenizer_preset
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    tokenizer = VQGAN(tokenizer_preset("f16-8192")).eval()
+    model = VisualLM(preset(args.model, max_seq_len=4 * 256), tokenizer.codebook.detach()).eval()
+    prompter = VisualPrompter(model, tokenizer, batch_size=args.batch_size,
+                              **on_device(model, tokenizer, device))  # fmt: skip
+    # 20 classes of random images and masks: what is measured is the time, not the score.
+    rng = torch.Generator().manual_seed(0)
+    examples = []
+    for i in range(args.queries):
+        image = torch.randint(0, 256, (256, 256, 3), generator=rng, dtype=torch.uint8).numpy()
+        mask = (torch.rand(256, 256, 1, generator=rng) > 0.7).expand(-1, -1, 3)
+        examples.append(
+            Example("segmentation", [image, mask.numpy().astype("uint8") * 255], f"q{i}",
+                    meta={"class": f"class{i % 20}"})
+        )  # fmt: skip
+    done = 0
+
+    def predict(pairs, queries):
+        nonlocal done
+        done += len(queries)
+        return prompter(pairs, queries)
+
+    rows = []
+    for per_prompt in args.per_prompt:
+        seconds, result = wall(
+            synced(lambda p=per_prompt: foreground_miou(predict, examples, 1, queries_per_prompt=p),
+                   device)
+        )  # fmt: skip
+        rows.append((per_prompt, f"{seconds:.1f} s", f"{args.queries / seconds:.2f}"))
+    print(
+        f"Pascal-5i shape: {args.queries} queries, 1 support pair, 256-token images, "
+        f"{args.model} model, batch size {args.batch_size}; {machine(device)}"
+    )
+    table(("queries per support pair", "wall time", "queries/s"), rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("prefix", help="a task evaluation with and without the shared prefix")
+    p.add_argument("--queries", type=int, default=24)
+    p.add_argument("--shots", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=prefix_benchmark)
+    p = sub.add_parser("pascal", help="the wall time of a Pascal-5i-shaped evaluation")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--per-prompt", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--model", default="300m")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda")
+    p.set_defaults(func=pascal_benchmark)
+    p = sub.add_parser("draft", help="the teacher alone vs with its distilled student drafting")
+    p.add_argument("--work", type=Path, required=True, help="folder for the trained pair")
+    p.add_argument("--steps", type=int, default=1000, help="training steps of each model")
+    p.add_argument("--tokenizer-steps", type=int, default=1000, help="as the demo's")
+    p.add_argument("--per-task", type=int, default=4, help="held-out queries per task")
+    p.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 3, 4, 6])
+    p.set_defaults(func=draft_benchmark)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
