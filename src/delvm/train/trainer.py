@@ -220,7 +220,7 @@ class Trainer:
 
     def train_step(self, tasks: list[str]) -> dict[str, float]:
         config, world = self.config, self.world
-        rows = range(0, config.micro_batch)
+        rows = range(world.rank * config.micro_batch, (world.rank + 1) * config.micro_batch)
         total, parts = torch.zeros((), device=self.device), {}
         for micro in range(config.grad_accum):
             batch = self.source.train_batch(self.step, micro, rows, tasks)
