@@ -261,6 +261,8 @@ class Study:
         final = f"step-{config.steps:06d}"
         if not any(p.name == final for p in checkpoint_dirs(config.out)):
             Trainer(config, open_sentences(config)).run()
+        if not any(p.name == final for p in checkpoint_dirs(config.out)):  # stopped by a signal
+            raise DelvmError(f"{config.out}: stopped before step {config.steps}; rerun to resume")
         return Path(config.out)
 
     def run(self, arms_for: Callable[[int], list[Arm]]) -> None:
