@@ -17,10 +17,11 @@ Scaling: `delvm data build` (the command, under torchrun for 2 ranks) on SA-1B-l
 demo tokenizer's shape (64 px, cheap: the build is decode-bound, as with a GPU tokenizer), with
 0, 1 and 2 worker processes and 1 and 2 ranks. Examples/s divides examples by the build's own
 time (rank 0's `Builder.run`: listing, both passes, assembly; not interpreter start or tokenizer
-load); ratios are against 1 rank with 1 worker. Peak memory is the largest sum of memory (PSS)
-over the build's processes (polled from /proc every 20 ms; Linux) at 1x and 10x the examples
-(10x = the same files hard-linked under new names). The load average is printed with every row:
-other work on the machine takes cores from the build.
+load); ratios are against 1 rank with 0 and 1 workers, beside the ratio 2 processes reach on a
+pure-Python loop in the same run (what the machine allows). Peak memory is the largest sum of
+memory (PSS) over the build's processes (polled from /proc every 0.1 s; Linux) at 1x and 10x
+the examples (10x = the same files hard-linked under new names). The load average is printed
+with every row: other work on the machine takes cores from the build.
 
     python benchmarks/data_throughput.py
     python benchmarks/data_throughput.py --parts serve build   # without the scaling runs
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -265,7 +267,28 @@ def run_build(config: Path, out: Path, ranks: int, workers: int, memory: bool = 
     }
 
 
+def _count(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def parallel_capacity(work_items: int = 4, n: int = 5_000_000) -> float:
+    """How much faster 2 processes finish a pure-Python loop than 1: the most a build can gain
+    from a second worker or rank here (near 2 on 2 idle cores; less when others hold them)."""
+    seconds = []
+    for processes in (1, 2):
+        start = time.perf_counter()
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            pool.map(_count, [n] * work_items)
+        seconds.append(time.perf_counter() - start)
+    return seconds[0] / seconds[1]
+
+
 def scale_rates(args, work: Path) -> None:
+    print(f"\n2 processes vs 1 on a pure-Python loop: {parallel_capacity():.2f}x "
+          f"(load {os.getloadavg()[0]:.1f}); the ceiling of the ratios below")  # fmt: skip
     torch.manual_seed(0)
     VQGAN(tokenizer_preset("cpu-64-f8-1024")).eval().save_pretrained(work / "tok")
     print(f"\nwriting {args.sa1b} SA-1B-like and {args.coco} COCO-like examples (x10 for memory)")
