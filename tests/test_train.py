@@ -254,6 +254,16 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """This process computes on one thread, as the subprocesses (ENV) do: bitwise comparisons
+    across them need the same float summation order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     steps = ["steps=40", "checkpoint_every=2", "keep_checkpoints=50"]
@@ -283,7 +293,7 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_a_checkpoint_at_the_step_and_a_rerun_resumes_exactly(
-    tmp_path, uninterrupted, monkeypatch, stop
+    tmp_path, uninterrupted, one_thread, monkeypatch, stop
 ):
     # A real signal to this process during step 3. Had the trainer no handler, this one would
     # record it (instead of Python's KeyboardInterrupt / termination ending the test session).
@@ -334,7 +344,7 @@ Trainer(tiny_config(sys.argv[1]), PatternSentences()).run()
 
 
 def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume(
-    tmp_path, uninterrupted
+    tmp_path, uninterrupted, one_thread
 ):
     out = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-c", _TORN_WRITE, str(out)], env=ENV, cwd=ROOT,
