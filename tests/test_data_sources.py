@@ -530,7 +530,7 @@ def test_image_folder_keeps_every_readable_image(tmp_path):
 
 def test_registry_names_every_format():
     assert set(SOURCES) == {
-        "paired", "coco_keypoints", "sa1b", "pascal5i", "video", "image_folder", "toyworld"
+        "paired", "coco_keypoints", "mpii", "sa1b", "pascal5i", "video", "image_folder", "toyworld"
     }  # fmt: skip
     toy = {"format": "toyworld", "resolution": 32, "segmentation": 2, "pose": 1, "derain": 1}
     examples = list(open_source(toy))
