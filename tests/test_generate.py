@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -159,3 +161,30 @@ def test_prefill_keeps_the_last_positions_logits(model):
         step = model(ids[:, :1], cache=cache, start=40)
         reference = model(torch.cat([ids, ids[:, :1]], dim=1))[:, -1:]
         assert (step - reference).abs().max() < 1e-5
+
+
+def test_shared_prefix_in_bf16_matches_whole_rows_to_bf16_rounding(model):
+    """A GPU runs weights and cache in bf16: the cascade is as close to fp32 as whole rows."""
+    from delvm.inference.generate import prefill
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (3, 40))
+    ids[:, :30] = ids[0, :30]
+    with torch.no_grad():
+        _, shared = prefill(half, ids, 48, keep=10)
+        _, whole = prefill(half, ids, 48, keep=10, share_prefix=False)
+        _, exact = prefill(model, ids, 48, keep=10, share_prefix=False)
+    error = (shared.float() - exact).abs().max()
+    assert error <= 1.5 * (whole.float() - exact).abs().max() + 1e-3 * exact.abs().max()
+
+
+def test_attention_lse_of_bf16_inputs_keeps_fp32_scores():
+    from delvm.model.transformer import attention_and_lse
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 16).mul(3).bfloat16() for _ in range(3))
+    out, lse = attention_and_lse(q, k, v, None)
+    scores = q.double() @ k.double().transpose(-1, -2) / 4  # the same bf16 values, exactly
+    assert (lse.double() - scores.logsumexp(-1, keepdim=True)).abs().max() < 1e-4
+    expected = scores.softmax(-1) @ v.double()
+    assert (out.double() - expected).abs().max() < 0.05  # bf16 probabilities and output

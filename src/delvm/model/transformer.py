@@ -164,8 +164,9 @@ def attention_and_lse(
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention of q [..., T, Dh] over k, v [..., S, Dh] (``mask`` [T, S]: True where a
     query may look) and the log-sum-exp of its scores [..., T, 1], in fp32: attention over
-    disjoint sets of keys merges exactly by it."""
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    disjoint sets of keys merges exactly by it. (Scores of bf16 inputs are computed in fp32, as
+    flash attention keeps them.)"""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     lse = scores.logsumexp(-1, keepdim=True)
