@@ -158,3 +158,5 @@ def test_config_errors_name_the_setting(tmp_path):
         load_demo_config(CONFIG, ["train.optim.speed=3"])
     with pytest.raises(DelvmError, match="no such config file"):
         load_demo_config(tmp_path / "missing.toml")
+    with pytest.raises(DelvmError, match="scores.queries_per_prompt = 0"):
+        load_demo_config(CONFIG, ["scores.queries_per_prompt=0"])

@@ -44,6 +44,15 @@ class ScoreSection:
     recognition: int = 24  # mixed scenes, each prompted with every task
     threshold: float = FOREGROUND_THRESHOLD  # segmentation outputs -> masks (scores.py)
     grid_rows: int = 4  # prompt -> output rows per task in the report
+    # Queries sharing one draw of support pairs (1: each its own); more run as one batch under
+    # one prefilled prompt (task_scores.py): faster, with other draws and so other scores.
+    queries_per_prompt: int = 1
+
+    def __post_init__(self) -> None:
+        if self.queries_per_prompt < 1:
+            raise DelvmError(
+                f"scores.queries_per_prompt = {self.queries_per_prompt}: use 1 or more"
+            )
 
 
 @dataclass
@@ -234,6 +243,7 @@ class Demo:
         # As many example pairs as the context holds next to the query.
         per_example = 2 * prompter.image_tokens
         shots = max(1, prompter.model.config.max_seq_len // per_example - 1)
+        group = s.queries_per_prompt
 
         # Every generated image: the task queries, each recognition scene under every task's
         # prompt, and the report's grids.
@@ -251,9 +261,11 @@ class Demo:
         def task_scores(predict_fn) -> dict:
             seg, pose, derain = (examples[t] for t in ("segmentation", "pose", "derain"))
             return {
-                "segmentation": foreground_miou(predict_fn, seg, shots, threshold=s.threshold),
-                "pose": pose_scores(predict_fn, pose, shots),
-                "derain": derain_scores(predict_fn, derain, shots),
+                "segmentation": foreground_miou(
+                    predict_fn, seg, shots, s.threshold, queries_per_prompt=group
+                ),
+                "pose": pose_scores(predict_fn, pose, shots, queries_per_prompt=group),
+                "derain": derain_scores(predict_fn, derain, shots, queries_per_prompt=group),
             }
 
         # The tokenizer's ceiling: each query answered with its own truth through the tokenizer,
@@ -269,9 +281,11 @@ class Demo:
             "shots": shots,
             **task_scores(predict),
             "ceiling": task_scores(perfect_tokens),
-            "recognition": task_recognition(predict, mixed_scenes, s.recognition, shots),
+            "recognition": task_recognition(
+                predict, mixed_scenes, s.recognition, shots, queries_per_prompt=group
+            ),
             "prompt_dependence": prompt_dependence(
-                prompter.answer_nll, mixed_scenes, s.recognition, shots
+                prompter.answer_nll, mixed_scenes, s.recognition, shots, queries_per_prompt=group
             ),
         }
         grids = self.out / "grids"
