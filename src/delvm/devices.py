@@ -45,19 +45,28 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def cpuinfo_field(name: str) -> str | None:
+    """The first value of ``name`` (e.g. ``flags``, ``model name``) in /proc/cpuinfo: ``""`` if
+    the field is absent, None where the file cannot be read (e.g. on macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""
+
+
 def cpu_flags() -> set[str]:
     """This CPU's feature flags as /proc/cpuinfo names them (torch's own checks where that file
     does not exist, e.g. on macOS)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
-        return set()
-    except OSError:
-        checks = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
-        return {
-            flag for flag, check in checks.items() if getattr(torch.cpu, check, lambda: False)()
-        }
+    flags = cpuinfo_field("flags")
+    if flags is not None:
+        return set(flags.split())
+    checks = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    return {flag for flag, check in checks.items() if getattr(torch.cpu, check, lambda: False)()}
 
 
 def native_bf16_units(flags: Iterable[str] | None = None) -> list[str]:

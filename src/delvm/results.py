@@ -30,12 +30,9 @@ def hardware_class() -> str:
     """The machine in one line: CPU model, the CPUs this process may use, torch's threads, GPU."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
+    from delvm.devices import cpuinfo_field  # imports torch, as this function does
+
+    cpu = cpuinfo_field("model name") or platform.processor() or platform.machine()
     # The CPUs this process may run on (a container or taskset can allow fewer than the machine's).
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if torch.cuda.is_available():
