@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,16 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from delvm import devices
 from delvm.errors import DelvmError
 from delvm.model.checkpoint import load_model, save_model
+from delvm.model.export import export_hf
 from delvm.model.transformer import VisualLM, preset
 from delvm.train import precision
 from delvm.train.config import OptimSection
 from delvm.train.distill import kd_loss
 from delvm.train.optim import cosine_lr, stage_lr
+from delvm.train.state import read_sharded_tensors, read_training_state
 from delvm.train.trainer import Trainer
 from tests.support.sentences import PatternSentences
 from tests.support.train_run import tiny_config
@@ -39,7 +44,7 @@ def losses(out: Path) -> list[float]:
 
 def final_weights(out: Path) -> dict:
     latest = sorted((out / "checkpoints").glob("step-*"))[-1]
-    return load_file(latest / "model.safetensors")
+    return checkpoint_tensors(latest)[0]
 
 
 def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
@@ -395,6 +400,88 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(
     w1, w2 = final_weights(uninterrupted), final_weights(tmp_path / "two")
     # Adam normalises tiny rounding differences of the two matmul splits into ~1e-6 steps.
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)
+
+
+def checkpoint_tensors(folder: Path) -> tuple[dict, dict]:
+    """A training checkpoint's weights and optimizer state tensors (``fqn.exp_avg``...), whole,
+    whichever format wrote them."""
+    state = read_training_state(folder)
+    if state["sharded"]:
+        return read_sharded_tensors(folder, "model."), read_sharded_tensors(folder, "optim.")
+    optim = state["optimizer"]["state"]
+    return load_file(folder / "model.safetensors"), flat_optimizer_state(optim)
+
+
+def flat_optimizer_state(state: dict) -> dict:
+    return {f"{fqn}.{name}": value for fqn, per in state.items() for name, value in per.items()}
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    (weights_a, optim_a), (weights_b, optim_b) = checkpoint_tensors(a), checkpoint_tensors(b)
+    assert_same_tensors(weights_a, weights_b)
+    assert_same_tensors(optim_a, optim_b)
+
+
+@pytest.mark.slow
+def test_sharded_fsdp_checkpoints_resume_on_one_rank_and_on_two(
+    tmp_path, uninterrupted, one_thread
+):
+    fsdp = ["micro_batch=1", "parallel='fsdp'", "keep_checkpoints=3"]
+    for form in ("full", "sharded"):
+        result = run_torchrun(tmp_path / form, *fsdp, f"checkpoint_format={form!r}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    full, sharded = (tmp_path / f / "checkpoints" for f in ("full", "sharded"))
+    # Each rank wrote its own file of shards (half of every weight's rows), nothing gathered.
+    files = sorted((sharded / "step-000004" / "shards").glob("*.safetensors"))
+    assert len(files) == 2 and not (sharded / "step-000004" / "model.safetensors").exists()
+    with safe_open(files[0], "pt") as f:
+        assert f.get_slice("model.head.weight").get_shape() == [32, 64]  # of [64, 64]
+    # Read whole, the shards are the gathered save, bit for bit: weights and optimizer state.
+    for name in ("step-000004", "step-000006"):
+        assert_same_checkpoint(full / name, sharded / name)
+
+    # Resumed by 1 process reading the same rows per micro-step (tiny_config's micro_batch 2,
+    # not the ranks' 1): the restored
+    # weights and optimizer state are the full save's; the run ends where one process does.
+    for run in ("one", "two"):
+        shutil.copytree(tmp_path / "sharded", tmp_path / run)
+        shutil.rmtree(tmp_path / run / "checkpoints" / "step-000006")
+    with pytest.raises(DelvmError, match=r"written by 2 ranks x micro_batch 1 = 2 rows .*resumed "
+                       r"by 1 x 1; set micro_batch = 2"):  # fmt: skip
+        Trainer(tiny_config(tmp_path / "one", "micro_batch=1"), PatternSentences()).resume()
+    trainer = Trainer(tiny_config(tmp_path / "one", "keep_checkpoints=3"), PatternSentences())
+    trainer.resume()
+    weights, optim = checkpoint_tensors(full / "step-000004")
+    assert_same_tensors(trainer.bare.state_dict(), weights)
+    restored = get_optimizer_state_dict(trainer.model, trainer.optimizer)["state"]
+    assert_same_tensors(flat_optimizer_state(restored), optim)
+    trainer.run()
+    assert logged_steps(tmp_path / "one")[-2:] == [5, 6]
+    w1, w2 = final_weights(uninterrupted), final_weights(tmp_path / "one")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4) for k in w1)
+
+    # Resumed by 2 ranks: bit for bit the uninterrupted 2-rank run's step 6, sharded again.
+    result = run_torchrun(tmp_path / "two", *fsdp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    last = tmp_path / "two" / "checkpoints" / "step-000006"
+    assert_same_checkpoint(full / "step-000006", last)
+    # Every reader of a checkpoint reads it whole: load_model, and export-hf through it.
+    whole = load_model(full / "step-000006")
+    assert_same_tensors(load_model(tmp_path / "two").state_dict(), whole.state_dict())
+    exported = load_model(export_hf(tmp_path / "two", tmp_path / "hf"))
+    ids = torch.randint(0, 64, (1, 16))
+    assert torch.allclose(exported(ids), whole(ids), atol=1e-6)
+    # A torn shard file is named, not a traceback.
+    shard = sorted((last / "shards").glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DelvmError, match=r"shards: unreadable checkpoint shards"):
+        load_model(last)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):

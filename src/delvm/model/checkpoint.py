@@ -24,7 +24,7 @@ from delvm.errors import DelvmError
 from delvm.fileio import atomic_write, read_json, write_json
 from delvm.model.hf import is_hf_folder, load_hf_model
 from delvm.model.transformer import ModelConfig, VisualLM
-from delvm.train.state import resolve_checkpoint, run_config
+from delvm.train.state import SHARDS_DIR, read_sharded_tensors, resolve_checkpoint, run_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,13 +41,15 @@ def save_model(
 
 def save_weights(
     config: ModelConfig,
-    state: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor] | None,
     folder: str | Path,
     tokenizer_fingerprint: str | None = None,
 ) -> Path:
     """Write a state dict of a model with ``config`` as a checkpoint (weights first, config last).
 
-    Used directly by training, whose weights may be gathered from shards of a wrapped model.
+    Used directly by training, whose weights may be gathered from shards of a wrapped model;
+    ``state`` None writes the config alone (a sharded training checkpoint keeps its weights in
+    ``shards/``).
     """
     meta = {
         "format": FORMAT,
@@ -57,13 +59,16 @@ def save_weights(
     return write_weights_folder(folder, state, meta)
 
 
-def write_weights_folder(folder: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
+def write_weights_folder(
+    folder: str | Path, state: dict[str, torch.Tensor] | None, meta: dict
+) -> Path:
     """Weights (safetensors) first, ``config.json`` (``meta``) last, each written atomically: a
     folder whose config exists is complete. Shared by every checkpoint format of delvm."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
+    if state is not None:
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
     write_json(folder / CONFIG_NAME, meta)
     return folder
 
@@ -85,12 +90,17 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Visual
         return load_hf_model(folder).to(device)
     config, _ = read_checkpoint_config(folder)
     weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
+    if (folder / SHARDS_DIR).is_dir() and not weights.is_file():
+        state, weights = read_sharded_tensors(folder), folder / SHARDS_DIR  # an FSDP run's
+    elif not weights.is_file():
         raise DelvmError(f"{weights}: missing (the checkpoint folder is incomplete)")
-    try:
-        state = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError) as err:
-        raise DelvmError(f"{weights}: unreadable or truncated safetensors file ({err})") from None
+    else:
+        try:
+            state = load_file(str(weights), device=str(device))
+        except (SafetensorError, OSError) as err:
+            raise DelvmError(
+                f"{weights}: unreadable or truncated safetensors file ({err})"
+            ) from None
     with torch.device("meta"):
         model = VisualLM(config)
     model.load_weights(state, weights)

@@ -105,6 +105,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # full: rank 0 writes the gathered model and optimizer | sharded: each rank writes its shards
+    # (torch.distributed.checkpoint) | auto: sharded for FSDP on several ranks, else full
+    checkpoint_format: str = "auto"
     eval_every: int = 100
     log_every: int = 10
     tensorboard: bool = True
@@ -118,7 +121,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"parallel": ("ddp", "fsdp"), "precision": PRECISIONS,
-                   "lr_policy": ("continue", "rescale")}  # fmt: skip
+                   "lr_policy": ("continue", "rescale"),
+                   "checkpoint_format": ("auto", "full", "sharded")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise DelvmError(f"config {name} = {getattr(self, name)!r}: use one of {allowed}")

@@ -137,6 +137,9 @@ class Trainer:
                 block.forward = _checkpointed(block.forward)
         self.bare = bare
         self.model = wrap_model(bare, self.world, config.parallel)
+        self.sharded_checkpoints = config.checkpoint_format == "sharded" or (
+            config.checkpoint_format == "auto" and config.parallel == "fsdp" and self.world.size > 1
+        )
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = build_optimizer(self.model, config.optim)
         self.teacher = None
@@ -163,7 +166,7 @@ class Trainer:
         state = read_training_state(latest)
         saved = state["config"]
         mine = self.config.to_dict()
-        for key in ("model", "tokenizer", "data", "micro_batch", "grad_accum", "seed", "stages"):
+        for key in ("model", "tokenizer", "data", "grad_accum", "seed", "stages"):
             if json.dumps(saved.get(key), sort_keys=True) != json.dumps(
                 mine.get(key), sort_keys=True
             ):
@@ -171,10 +174,19 @@ class Trainer:
                     f"{latest}: checkpoint was written with a different {key!r} setting; resume "
                     f"with the same config or choose a new `out` folder"
                 )
-        if state.get("world_size") != self.world.size:
+        # Either format resumes on any number of ranks that together read the same rows of
+        # every global batch (micro_batch x ranks): the same data and the same loss.
+        ranks, rows = state["world_size"], saved["micro_batch"] * state["world_size"]
+        if self.config.micro_batch * self.world.size != rows:
+            fix = (
+                f"set micro_batch = {rows // self.world.size}"
+                if rows % self.world.size == 0
+                else f"resume with {ranks} ranks"
+            )
             raise DelvmError(
-                f"{latest}: written by {state.get('world_size')} ranks, resumed by "
-                f"{self.world.size}; resume with the same number of processes"
+                f"{latest}: written by {ranks} ranks x micro_batch {saved['micro_batch']} = "
+                f"{rows} rows per micro-step, resumed by {self.world.size} x "
+                f"{self.config.micro_batch}; {fix} to keep the same batches"
             )
         restore_training_state(latest, state, self.model, self.optimizer)
         self.step = state["step"]
@@ -195,6 +207,7 @@ class Trainer:
             self.out, self.step, self.model, self.optimizer, extra, self.world.is_main,
             self.config.keep_checkpoints,
             lambda state, tmp: save_weights(self.model_config, state, tmp, fingerprint),
+            sharded=self.sharded_checkpoints,
         )  # fmt: skip
         barrier(self.world)
         return folder
