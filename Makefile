@@ -45,11 +45,15 @@ reproduce: $(STAMP)
 # docs/results.md, assembled from the results.md of the runs above that have finished.
 results-page: $(STAMP)
 	$(VENV)/bin/delvm results docs/results.md $(patsubst %/results.md,%,$(wildcard \
-		demo_out/results.md demo_full_out/results.md reproduce_out/results.md))
+		demo_out/results.md demo_full_out/results.md reproduce_out/results.md \
+		bench_out/*/results.md))
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# The CPU benchmarks whose tables go on the results page (bench_out/*/results.md); on a quiet
+# machine: each compares setups side by side in one run.
 bench: $(TEST_STAMP)
-	$(PY) benchmarks/model_throughput.py
+	$(PY) benchmarks/model_throughput.py --batches 1 --results bench_out/model
+	$(PY) benchmarks/data_throughput.py --parts scale --sa1b 32 --coco 128 --results bench_out/data

@@ -26,6 +26,7 @@ with every row: other work on the machine takes cores from the build.
     python benchmarks/data_throughput.py
     python benchmarks/data_throughput.py --parts serve build   # without the scaling runs
     python benchmarks/data_throughput.py --parts scale --sa1b 16 --coco 96
+    python benchmarks/data_throughput.py --parts scale --results bench_out/data   # results page
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
+from timing import results_file
 
 from delvm.data.sampler import SamplerConfig, SentenceSampler
 from delvm.data.store import BuildConfig, Builder, TaskArrays, open_store, write_store
@@ -322,15 +324,23 @@ def scale_rates(args, work: Path) -> None:
     print(f"\n{'build (64 px VQGAN)':<20} {'ranks':>5} {'workers':>7} {'examples':>8} "
           f"{'seconds':>8} {'examples/s':>10} {'x 0 workers':>11} {'x 1 worker':>10} "
           f"{'in tokenizer':>12} {'load':>5}")  # fmt: skip
+    per_worker = {}
     for name, path in configs.items():
         rows = {setup: run_build(path, work / "out", *setup) for setup in setups}
         rates = {setup: row["examples"] / row["seconds"] for setup, row in rows.items()}
+        per_worker[name] = rates[1, 2] / 2
         for (ranks, workers), row in rows.items():
             rate = rates[ranks, workers]
             print(f"{name:<20} {ranks:>5} {workers:>7} {row['examples']:>8} "
                   f"{row['seconds']:>8.1f} {rate:>10.2f} {rate / rates[1, 0]:>10.2f}x "
                   f"{rate / rates[1, 1]:>9.2f}x {row['encode'] / row['seconds']:>12.0%} "
                   f"{row['load']:>5.1f}")  # fmt: skip
+    print(f"\nper GPU with {args.gpu_workers} decoding workers, each as fast as one of 2 workers "
+          "here (the tokenizer on a GPU is not the limit):")  # fmt: skip
+    for name, rate in per_worker.items():
+        print(f"{name:<20} {rate * args.gpu_workers:>8.1f} examples/s per GPU")
+    sa1b_hours = 11.1e6 / (per_worker["sa1b"] * args.gpu_workers * args.gpus) / 3600
+    print(f"SA-1B's 11.1M photos on {args.gpus} GPUs: about {sa1b_hours:.0f} h")
     print(f"\n{'peak memory vs examples':<26} {'ranks':>5} {'workers':>7} {'examples':>8} "
           f"{'seconds':>8} {'examples/s':>10} {'peak memory':>11} {'load':>5}")  # fmt: skip
     ten = config("sa1b_10x", cases["sa1b"])
@@ -353,9 +363,15 @@ def main() -> None:
     parser.add_argument("--masks", type=int, default=100, help="masks per SA-1B-like photo")
     parser.add_argument("--coco", type=int, default=64, help="COCO-like photos (scaling)")
     parser.add_argument("--shard-size", type=int, default=4, help="units per shard (scaling)")
+    parser.add_argument("--gpu-workers", type=int, default=7,
+                        help="decoding workers per GPU for the per-GPU estimate (scaling)")  # fmt: skip
+    parser.add_argument("--gpus", type=int, default=32, help="GPUs of the SA-1B estimate")
+    parser.add_argument("--results", metavar="DIR",
+                        help="also write the tables to DIR/results.md (for `delvm results`)")  # fmt: skip
     args = parser.parse_args()
-    print(f"{os.cpu_count()} CPU cores; load average {os.getloadavg()[0]:.2f} at the start")
-    with tempfile.TemporaryDirectory() as tmp:
+    title = "Data build throughput: `benchmarks/data_throughput.py`"
+    with results_file(args.results, title), tempfile.TemporaryDirectory() as tmp:
+        print(f"{os.cpu_count()} CPU cores; load average {os.getloadavg()[0]:.2f} at the start")
         if "serve" in args.parts:
             serve_rates(args, Path(tmp))
         if "build" in args.parts:

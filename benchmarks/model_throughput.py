@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import results_file
 from transformers import LlamaForCausalLM
 
 from delvm.inference.generate import Generator, SamplingConfig
@@ -107,7 +108,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--results", metavar="DIR",
+                        help="also write the table to DIR/results.md (for `delvm results`)")  # fmt: skip
     args = parser.parse_args()
+    with results_file(args.results, "delvm against transformers: `benchmarks/model_throughput.py`"):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -166,25 +174,33 @@ def main() -> None:
                                     min_new_tokens=n, do_sample=False)  # fmt: skip
 
             results = {}
-            for name, run in (
-                (f"delvm {dtype_name}", lambda n, p=prompt: exact(p, n, greedy)),
-                ("delvm bf16 decode", lambda n, p=prompt: fast(p, n, greedy)),
-                ("transformers", hf_run),
-            ):
+            # Each arm's decode bound: the bytes its weights take (bf16: 2 per parameter).
+            arms = (
+                (f"delvm {dtype_name}", lambda n, p=prompt: exact(p, n, greedy), bound),
+                ("delvm bf16 decode", lambda n, p=prompt: fast(p, n, greedy),
+                 bound * gen_dtype.itemsize / 2),
+                ("transformers", hf_run, bound),
+            )  # fmt: skip
+            for name, run, arm_bound in arms:
                 prefill = timed(lambda run=run: run(1), device, repeats=1)  # warms up too
                 total = once(lambda run=run: run(args.new), device)
                 results[name] = (
                     batch * (args.new - 1) / (total - prefill),
                     batch * args.new / total,
+                    arm_bound,
                 )
-            for name, (decode, end_to_end) in results.items():
+            hf_decode, hf_end_to_end, _ = results["transformers"]
+            for name, (decode, end_to_end, arm_bound) in results.items():
                 rows.append(
                     (f"generate {args.new} after {args.prompt}, batch {batch}", name,
-                     f"{decode:,.1f} tok/s decode", f"{end_to_end:,.1f} tok/s end-to-end",
-                     f"{decode / results['transformers'][0]:.2f}x")
+                     f"{decode:,.1f} tok/s decode ({decode / batch / arm_bound:.0%} of its bound)",
+                     f"{end_to_end:,.1f} tok/s end-to-end",
+                     f"{decode / hf_decode:.2f}x decode, "
+                     f"{end_to_end / hf_end_to_end:.2f}x end to end")
                 )  # fmt: skip
         rows.append(
-            (f"decode bound at batch 1: weights {weight_bytes / 2**20:.0f} MiB / bandwidth", "",
+            (f"decode bound at batch 1: {dtype_name} weights {weight_bytes / 2**20:.0f} MiB / "
+             "read bandwidth", "",
              f"{bound:,.1f} tok/s", "", "")
         )  # fmt: skip
 
