@@ -3,8 +3,9 @@
 # 300m config, model throughput against transformers, then prompting: a task evaluation with and
 # without the shared-prefix cache, and the wall time of a 1,000-query Pascal-5i-shaped evaluation
 # with 16 queries per support pair (and of 100 queries with a pair each, Bar et al.'s protocol:
-# one batch-1 generation per query). Run from the repository root on a CUDA machine with delvm
-# installed:  bash benchmarks/gpu.sh
+# one batch-1 generation per query), and tokens/s of the eager, static and compiled (CUDA graph)
+# decoding steps at batch 1 and 8 on the 300m shape. Run from the repository root on a CUDA
+# machine with delvm installed:  bash benchmarks/gpu.sh
 # PEAK_TFLOPS: the device's dense bf16 peak (H100/H200 SXM: 989).
 set -euo pipefail
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
@@ -15,3 +16,4 @@ python benchmarks/model_throughput.py --device cuda --batches 1 8
 python benchmarks/prompting_speed.py prefix --device cuda --hidden 1024 --layers 22
 python benchmarks/prompting_speed.py pascal --device cuda --queries 1000 --per-prompt 16
 python benchmarks/prompting_speed.py pascal --device cuda --queries 100 --per-prompt 1
+python benchmarks/prompting_speed.py compile --device cuda --hidden 1024 --layers 22

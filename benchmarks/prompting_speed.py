@@ -3,6 +3,7 @@
     python benchmarks/prompting_speed.py prefix               # the shared-prefix cache
     python benchmarks/prompting_speed.py draft --work DIR     # speculative decoding
     python benchmarks/prompting_speed.py pascal --device cuda # a 1,000-query Pascal-5i shape
+    python benchmarks/prompting_speed.py compile              # the compiled decoding step
 
 ``prefix``: a task evaluation, 24 queries under the same 3 example pairs (256-token images, a
 small untrained model and tokenizer: speed does not depend on the weights), answered three ways:
@@ -22,6 +23,15 @@ drafting k codes per pass, with the tokens/s of each, the share of drafts kept, 
 where the output differs from the teacher's own, split into near-ties (the two codes' logits
 within bf16 rounding of each other, where a pass over k + 1 codes may round otherwise than a
 one-code step) and real differences (expected zero).
+
+``compile``: one support pair and a query (768 codes, the pair shared by the rows of a batch)
+continued by 256 codes, at batch 1 and 8, by three decoding steps: today's eager step (the
+cache read up to the codes so far), the static-shape step run eagerly (the whole cache, masked)
+and the static step compiled (`Generator(compile=True)`: inductor on a CPU, CUDA graphs on a
+GPU). Decode tokens/s leave the prefill out (the time of 256 codes minus the time of 1); the
+first call of the compiled step, which compiles, is timed apart. Every arm's codes are compared
+with the eager step's, and each row's first differing code classified as in ``draft`` (inductor
+rounds bf16 otherwise than eager kernels: it keeps fused intermediates in fp32).
 """
 
 from __future__ import annotations
@@ -275,6 +285,75 @@ def draft_benchmark(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+# ---- the compiled decoding step ---------------------------------------------------------------
+
+
+def timed_generation(generator, prompts: torch.Tensor, new: int, device: torch.device):
+    """The wall time of ``new`` greedy codes after ``prompts``, and the codes."""
+    return wall(synced(lambda: generator(prompts, new, GREEDY), device))
+
+
+def compile_benchmark(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    new, pair = args.image_tokens, 2 * args.image_tokens
+    config = preset(
+        "tiny", vocab_size=8192, codebook_dim=64, hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3, num_heads=args.hidden // 64,
+        num_layers=args.layers, max_seq_len=4 * new,
+    )  # fmt: skip
+    model = VisualLM(config).eval()
+    decode_dtype = torch.bfloat16 if args.decode_dtype == "bf16" else None
+    if device.type == "cuda":  # bf16 weights and cache, as load_prompter's `auto`
+        model.to(device, torch.bfloat16)
+        decode_dtype = None
+    eager = "eager (cache up to the codes so far)"
+    arms = {eager: {}, "static, eager": {"static": True}, "static, compiled": {"compile": True}}
+    precision = "bf16" if device.type == "cuda" else f"fp32 prefill, {args.decode_dtype} decode"
+    print(
+        f"{3 * new}-code prompts (a support pair shared by a batch's rows, then a query), "
+        f"{new} new codes, greedy, model {args.hidden} x {args.layers} layers, {precision}, "
+        f"best of {args.repeats} rounds; {machine(device)}"
+    )
+    rows = []
+    for batch in args.batches:
+        torch._dynamo.reset()  # each batch size compiles for its own shapes, as a new process
+        generators = {name: Generator(model, decode_dtype, **flags) for name, flags in arms.items()}
+        prompts = torch.cat(
+            [torch.randint(0, config.codes, (1, pair)).expand(batch, -1),
+             torch.randint(0, config.codes, (batch, new))], dim=1,
+        ).to(device)  # fmt: skip
+        first_call = {
+            name: timed_generation(generator, prompts, new, device)[0]
+            for name, generator in generators.items()
+        }
+        # The prefill and first code (the same in every arm), and every arm once per round,
+        # best of the rounds: the machine's load drifts between arms.
+        prefill, seconds, codes = float("inf"), {}, {}
+        for _ in range(args.repeats):
+            took, _ = timed_generation(generators[eager], prompts, 1, device)
+            prefill = min(prefill, took)
+            for name, generator in generators.items():
+                took, codes[name] = timed_generation(generator, prompts, new, device)
+                seconds[name] = min(seconds.get(name, float("inf")), took)
+        decode = {name: seconds[name] - prefill for name in arms}
+        decoder = generators[eager].decoder
+        for name in arms:
+            same = int((codes[name] == codes[eager]).sum())
+            ties, real = classify_differences(decoder, prompts, codes[eager], codes[name])
+            rows.append(
+                (batch, name, f"{batch * new / seconds[name]:.1f}",
+                 f"{batch * (new - 1) / decode[name]:.1f}", f"{decode[eager] / decode[name]:.2f}x",
+                 f"{first_call[name]:.1f} s", f"{same}/{codes[name].numel()}",
+                 f"{ties} near-tie / {real} real")
+            )  # fmt: skip
+    table(
+        ("batch", "decoding step", "tokens/s", "decode tokens/s", "decode vs eager",
+         "first call", "codes as eager", "rows' first differences"),
+        rows,
+    )  # fmt: skip
+
+
 # ---- a Pascal-5i-shaped evaluation -------------------------------------------------------------
 
 
@@ -350,6 +429,16 @@ def main() -> None:
     p.add_argument("--decode-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="bf16: load_prompter's CPU default (weight copies for decoding)")  # fmt: skip
     p.set_defaults(func=draft_benchmark)
+    p = sub.add_parser("compile", help="eager vs static vs compiled decoding steps")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--image-tokens", type=int, default=256, help="codes per image")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each arm's best is shown")
+    p.add_argument("--decode-dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="on a CPU; bf16: load_prompter's CPU default (weight copies for decoding)")  # fmt: skip
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=compile_benchmark)
     args = parser.parse_args()
     args.func(args)
 

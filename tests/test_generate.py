@@ -188,3 +188,79 @@ def test_attention_lse_of_bf16_inputs_keeps_fp32_scores():
     assert (lse.double() - scores.logsumexp(-1, keepdim=True)).abs().max() < 1e-4
     expected = scores.softmax(-1) @ v.double()
     assert (out.double() - expected).abs().max() < 0.05  # bf16 probabilities and output
+
+
+def _shared_context_prompt(vocab: int, batch: int) -> torch.Tensor:
+    """``batch`` rows: one 40-code context, then 10 codes of each row's own."""
+    context = torch.randint(0, vocab, (1, 40)).expand(batch, -1)
+    return torch.cat([context, torch.randint(0, vocab, (batch, 10))], dim=1)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_static_decoding_gives_the_dynamic_codes(model, share_prefix):
+    torch.manual_seed(1)
+    dynamic = Generator(model, share_prefix=share_prefix)
+    static = Generator(model, share_prefix=share_prefix, static=True)
+    prompts = [_shared_context_prompt(model.config.vocab_size, 3)]
+    prompts += [prompts[0][:1], torch.randint(0, model.config.vocab_size, (3, 30))]
+    samplings = [SamplingConfig(temperature=0), SamplingConfig(temperature=1.0, seed=4)]
+    # Twice over: the second round reuses the caches the static generator kept.
+    for _ in range(2):
+        for prompt in prompts:
+            for sampling in samplings:
+                assert torch.equal(static(prompt, 24, sampling), dynamic(prompt, 24, sampling))
+
+
+def test_static_steps_keep_their_shapes(model, monkeypatch):
+    """Every decoding step writes at a tensor position and reads the whole cache, masked."""
+    from delvm.model.transformer import KVCache
+
+    steps = []
+    update = KVCache.update
+
+    def recording(self, layer, start, k, v):
+        keys, values = update(self, layer, start, k, v)
+        steps.append((isinstance(start, torch.Tensor), tuple(keys.shape)))
+        return keys, values
+
+    monkeypatch.setattr(KVCache, "update", recording)
+    torch.manual_seed(0)
+    prompt = _shared_context_prompt(model.config.vocab_size, 3)
+    Generator(model, static=True)(prompt, 12)
+    layers = model.config.num_layers
+    decoding = steps[-11 * layers :]  # 11 steps after the prefill's first code
+    assert all(static for static, _ in decoding)
+    assert len({shape for _, shape in decoding}) == 1
+    assert decoding[0][1][2] == 62 - 40  # the rows' positions after the shared 40 codes
+
+
+def test_static_bf16_decoding_gives_the_dynamic_codes(model):
+    prompt = _shared_context_prompt(model.config.vocab_size, 3)
+    dynamic = Generator(model, decode_dtype=torch.bfloat16)(prompt, 20)
+    assert torch.equal(
+        Generator(model, decode_dtype=torch.bfloat16, static=True)(prompt, 20), dynamic
+    )
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_codes():
+    """The compiled step (inductor on a CPU) continues as the eager static step does."""
+    torch.manual_seed(0)
+    model = VisualLM(preset("tiny")).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    compiled, eager = Generator(model, compile=True), Generator(model, static=True)
+    for prompt in (_shared_context_prompt(512, 3), _shared_context_prompt(512, 1)):
+        for sampling in (SamplingConfig(temperature=0), SamplingConfig(temperature=1.0, seed=2)):
+            assert torch.equal(compiled(prompt, 16, sampling), eager(prompt, 16, sampling))
+    # bf16 decoding too: the compiled kernels round where the eager ones do.
+    compiled = Generator(model, torch.bfloat16, compile=True)
+    eager = Generator(model, torch.bfloat16, static=True)
+    prompt = _shared_context_prompt(512, 3)
+    assert torch.equal(compiled(prompt, 16), eager(prompt, 16))
+
+
+def test_draft_is_refused_with_static_or_compiled_decoding(model):
+    for flags in ({"static": True}, {"compile": True}):
+        with pytest.raises(DelvmError, match="draft.*not both"):
+            Generator(model, draft=model, **flags)

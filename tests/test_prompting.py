@@ -168,3 +168,25 @@ def test_seeded_sampling_draws_each_batch_from_its_own_stream(parts):
     assert np.array_equal(again[0], first) and np.array_equal(again[1], second)
     alone = prompter(pairs, same_query_twice[:1], sampling)[0]
     assert np.array_equal(alone, first)  # as before batching: one batch draws with the seed
+
+
+def test_compile_flag_reaches_every_generating_verb(parts, tmp_path, capsys):
+    from delvm.cli import build_parser
+
+    parser = build_parser()
+    for verb in (["prompt", "c", "--examples", "a", "b", "--query", "q", "--out", "o"],
+                 ["inpaint", "c", "i", "--out", "o"], ["next-frame", "c", "f", "--out", "o"],
+                 ["serve", "c"], ["eval-pascal5i", "c", "--voc", "v"]):  # fmt: skip
+        assert parser.parse_args(verb).compile is False
+        assert parser.parse_args([*verb, "--compile"]).compile is True
+    # The compiled step is static: speculative decoding is refused beside it, in one line.
+    tokenizer, model = parts
+    tokenizer.save_pretrained(tmp_path / "tok")
+    save_model(model, tmp_path / "ckpt", tokenizer_fingerprint=tokenizer.fingerprint())
+    Image.fromarray(images(1)[0]).save(tmp_path / "q.png")
+    args = ["inpaint", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok"),
+            str(tmp_path / "q.png"), "--out", str(tmp_path / "out"), "--device", "cpu"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*args, "--compile", "--draft", str(tmp_path / "ckpt")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "not both" in error and "\n" not in error

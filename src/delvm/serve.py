@@ -19,7 +19,12 @@ from PIL import Image
 from delvm.data.images import load_square
 from delvm.errors import DelvmError
 from delvm.inference.generate import SamplingConfig
-from delvm.inference.prompting import VisualPrompter, add_checkpoint_arguments, make_grid
+from delvm.inference.prompting import (
+    VisualPrompter,
+    add_checkpoint_arguments,
+    add_compile_argument,
+    make_grid,
+)
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -270,7 +275,9 @@ def _run_serve(args) -> None:
             "delvm serve needs Gradio, an optional extra: pip install -e '.[serve]' in the "
             "repository (make test installs it too)"
         ) from None
-    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    prompter = load_prompter(
+        args.checkpoint, args.tokenizer, args.device, args.dtype, compile=args.compile
+    )
     if args.examples is None:
         examples = toyworld_examples(prompter.size)
     else:
@@ -282,6 +289,7 @@ def _run_serve(args) -> None:
 def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="a local web page for visual prompting")
     add_checkpoint_arguments(p)
+    add_compile_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--examples", type=Path, default=None, metavar="DIR",

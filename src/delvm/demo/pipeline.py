@@ -47,6 +47,7 @@ class ScoreSection:
     # Queries sharing one draw of support pairs (1: each its own); more run as one batch under
     # one prefilled prompt (task_scores.py): faster, with other draws and so other scores.
     queries_per_prompt: int = 1
+    compile: bool = False  # compile the decoding step (`Generator`): pays on a GPU, not a CPU
 
     def __post_init__(self) -> None:
         if self.queries_per_prompt < 1:
@@ -236,7 +237,7 @@ class Demo:
         from delvm.train.cli import open_sentences
 
         s = self.config.scores
-        prompter = load_prompter(self.checkpoint, self.tokenizer_folder)
+        prompter = load_prompter(self.checkpoint, self.tokenizer_folder, compile=s.compile)
         validation = evaluate(prompter.model, open_sentences(self.train_config()))
         world = ToyWorldConfig(**self.config.world)
         held_out = replace(world, seed=world.seed + s.seed_offset, mixed=0.0)

@@ -37,6 +37,7 @@ from delvm.errors import DelvmError
 from delvm.evaluation.scores import FOREGROUND_THRESHOLD
 from delvm.evaluation.task_scores import Predict, foreground_miou
 from delvm.fileio import write_json
+from delvm.inference.prompting import add_compile_argument, load_prompter
 
 FOLDS = (0, 1, 2, 3)
 # What a fold's result reports, in table order: (key, column heading).
@@ -134,9 +135,9 @@ def markdown_table(result: dict) -> str:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from delvm.inference.prompting import load_prompter
-
-    prompter = load_prompter(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    prompter = load_prompter(
+        args.checkpoint, args.tokenizer, args.device, args.dtype, compile=args.compile
+    )
     bar = tqdm(desc="pascal-5i", unit="query")
 
     def predict(pairs, queries):
@@ -192,4 +193,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="write pascal5i.json and pascal5i.md")
     add_device_argument(p)
     add_dtype_argument(p)
+    add_compile_argument(p)
     p.set_defaults(func=_run)

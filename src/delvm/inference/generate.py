@@ -15,11 +15,17 @@ reads them all in one pass, and `accept_drafts` keeps the longest run it agrees 
 code of its own. Greedy output is the model's own greedy output; sampled output follows the
 model's own distribution. Decoding is bound by reading the weights, so the model's one pass over
 k + 1 codes costs about what one step costs, and every accepted draft saves a step.
+
+On a GPU a small model's step is a few hundred short kernels, each launched by Python: a
+static-shape step (the same shapes every step: the whole preallocated cache under a mask, the
+position a tensor; see `KVCache`) can be compiled once and replayed as one CUDA graph
+(``Generator(..., compile=True)``).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -129,22 +135,29 @@ def shared_prefix_length(ids: Tensor) -> int:
 
 
 def prefill(
-    model: VisualLM, ids: Tensor, cache_len: int, keep: int = 1, share_prefix: bool = True
+    model: VisualLM,
+    ids: Tensor,
+    cache_len: int,
+    keep: int = 1,
+    share_prefix: bool = True,
+    new_cache: Callable[..., KVCache] | None = None,
 ) -> tuple[KVCache, Tensor]:
     """Run ``ids`` [B, T] into a new KV cache of ``cache_len`` positions; return the cache and
     the logits of the last ``keep`` positions [B, keep, V].
 
     With ``share_prefix`` (and B > 1) the leading ids all rows share, up to the last ``keep``,
     run once at batch 1 into a prefix cache that every row's cache reads. The result equals
-    running every row whole, to float rounding (the matmuls see other shapes).
+    running every row whole, to float rounding (the matmuls see other shapes). ``new_cache``
+    ``(batch, max_len, prefix=None)`` gives the caches (default: the model's `new_cache`).
     """
+    new_cache = new_cache or model.new_cache
     batch, length = ids.shape
     shared = min(shared_prefix_length(ids), length - keep) if share_prefix and batch > 1 else 0
     prefix = None
     if shared > 0:
-        prefix = model.new_cache(1, shared)
+        prefix = new_cache(1, shared)
         model.hidden_states(model.embed(ids[:1, :shared]), prefix)
-    cache = model.new_cache(batch, cache_len, prefix=prefix)
+    cache = new_cache(batch, cache_len, prefix=prefix)
     hidden = model.hidden_states(model.embed(ids[:, shared:]), cache, start=shared)
     return cache, model.head(hidden[:, -keep:])
 
@@ -181,6 +194,17 @@ class Generator:
     codes per pass of the model (speculative decoding); ``stats`` counts how many were kept.
     The prefix all rows of a batch share is prefilled once (`prefill`) unless ``share_prefix``
     is False.
+
+    With ``static`` every decoding step has the same shapes (`KVCache`: the whole cache under a
+    mask, the position a 0-dim tensor), and with ``compile`` (which implies it) that step is
+    compiled by torch.compile: on CUDA with CUDA graphs ("reduce-overhead"), so each step
+    replays as one graph instead of launching every kernel from Python; elsewhere by inductor.
+    The codes are the dynamic path's (sums over other shapes or in fused kernels may round
+    otherwise, so a near-tie could differ).
+    The first call with new shapes (batch, prompt length, shared prefix) compiles or records
+    anew; later calls with the same shapes reuse the step and their caches (a CUDA graph reads
+    and writes the addresses it recorded). Speculative decoding reads a varying number of codes
+    per pass and runs the dynamic path only, so ``draft`` excludes ``static`` and ``compile``.
     """
 
     def __init__(
@@ -190,11 +214,27 @@ class Generator:
         draft: VisualLM | None = None,
         draft_tokens: int = 4,
         share_prefix: bool = True,
+        static: bool = False,
+        compile: bool = False,
     ):
         self.model, self.draft, self.draft_tokens = model, draft, draft_tokens
         self.share_prefix = share_prefix
         self.decoder = _decode_copy(model, decode_dtype)
         self.stats = DraftStats()
+        if draft is not None and (static or compile):
+            raise DelvmError(
+                "speculative decoding (a draft model) runs the dynamic decoding path: "
+                "use either the draft or static / compiled decoding (--compile), not both"
+            )
+        self.static = static or compile
+        self.cuda_graphs = compile and self.decoder.head.weight.device.type == "cuda"
+        self.step = self.decoder  # the one-code decoding step
+        if compile:
+            # CUDA graphs are the "reduce-overhead" mode. Rounding bf16 / fp16 where the eager
+            # kernels round (not keeping fused intermediates in fp32) keeps the eager codes.
+            options = {"triton.cudagraphs": self.cuda_graphs, "emulate_precision_casts": True}
+            self.step = torch.compile(self.decoder, options=options)
+        self._kept: dict[tuple[int, int, int], KVCache] = {}  # static decoding's caches
         if draft is not None:
             if draft.config.codes != model.config.codes:
                 raise DelvmError(
@@ -238,19 +278,42 @@ class Generator:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
 
         prompt = prompt.to(device)
-        cache, logits = prefill(model, prompt, total, share_prefix=self.share_prefix)
+        new_cache = self._kept_cache if self.static else model.new_cache
+        cache, logits = prefill(
+            model, prompt, total, share_prefix=self.share_prefix, new_cache=new_cache
+        )
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         if self.draft is not None:
             out[:, 0] = next_token(logits[:, -1, :codes], sampling, generator)
             draft_cache, _ = prefill(self.draft, prompt, total, share_prefix=self.share_prefix)
             self._speculate(out, length, cache, draft_cache, sampling, generator)
             return out
+        # A static step takes its position as a tensor (checked above: total <= max_seq_len).
+        positions = (
+            torch.arange(length, total, device=device) if self.static else range(length, total)
+        )
         for step in range(max_new_tokens):
             token = next_token(logits[:, -1, :codes], sampling, generator)
             out[:, step] = token
             if step + 1 < max_new_tokens:
-                logits = self.decoder(token[:, None], cache=cache, start=length + step)
+                if self.cuda_graphs:  # a new step: the graph may overwrite the last step's logits
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = self.step(token[:, None], cache=cache, start=positions[step])
         return out
+
+    def _kept_cache(self, batch: int, max_len: int, prefix: KVCache | None = None) -> KVCache:
+        """A cache for static decoding: the last call's when the shapes are the same, since a
+        CUDA graph replays on the addresses it recorded (a new shape drops the last call's)."""
+        key = (batch, max_len, 0 if prefix is None else prefix.max_len)
+        if key not in self._kept:
+            self._kept = {k: kept for k, kept in self._kept.items() if kept is prefix}
+            self._kept[key] = self.model.new_cache(batch, max_len, prefix=prefix)
+            if self.cuda_graphs:  # read and written in place by the graph, not copied into it
+                for tensor in (*self._kept[key].keys, *self._kept[key].values):
+                    torch._dynamo.mark_static_address(tensor)
+        cache = self._kept[key]
+        cache.prefix = prefix
+        return cache
 
     def _speculate(
         self,

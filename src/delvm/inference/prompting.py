@@ -45,6 +45,7 @@ class VisualPrompter:
         batch_size: int = 16,
         draft: VisualLM | None = None,
         draft_tokens: int = 4,
+        compile: bool = False,
     ):
         if batch_size < 1:
             raise DelvmError(f"batch size must be >= 1, got {batch_size}")
@@ -60,8 +61,8 @@ class VisualPrompter:
             )
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         # A draft (a smaller model with the same codes) makes greedy answers no different, only
-        # faster: speculative decoding (`Generator`).
-        self.generator = Generator(model, decode_dtype, draft, draft_tokens)
+        # faster: speculative decoding (`Generator`). So does a compiled decoding step.
+        self.generator = Generator(model, decode_dtype, draft, draft_tokens, compile=compile)
         self.size = tokenizer.config.resolution
         self.image_tokens = tokenizer.grid_size**2
 
@@ -210,6 +211,7 @@ def load_prompter(
     batch_size: int = 16,
     draft: str | Path | None = None,
     draft_tokens: int = 4,
+    compile: bool = False,
 ) -> VisualPrompter:
     """A prompter for a checkpoint: a run folder (its latest checkpoint), a delvm checkpoint, or
     a Hugging Face folder such as a `delvm export-hf` export.
@@ -218,7 +220,8 @@ def load_prompter(
     ``device`` and ``dtype`` as `delvm.devices` reads ``--device`` / ``--dtype``: ``auto`` runs in
     bf16 on a GPU, in fp32 on a CPU. ``draft``: a smaller model trained with the same tokenizer
     (e.g. the distilled student) that drafts ``draft_tokens`` codes per step of the model; the
-    answers stay the model's own (speculative decoding).
+    answers stay the model's own (speculative decoding). ``compile``: compile the decoding
+    step (`Generator`; CUDA graphs on a GPU), not together with a draft.
     """
     from delvm.model.checkpoint import (
         checkpoint_tokenizer,
@@ -257,6 +260,7 @@ def load_prompter(
         batch_size,
         draft_model,
         draft_tokens,
+        compile,
     )
 
 
@@ -267,7 +271,7 @@ def _prompter(args) -> VisualPrompter:
     batch_size = getattr(args, "batch_size", 1)  # next-frame continues one clip
     return load_prompter(
         args.checkpoint, args.tokenizer, args.device, args.dtype, batch_size, args.draft,
-        args.draft_tokens,
+        args.draft_tokens, args.compile,
     )  # fmt: skip
 
 
@@ -285,6 +289,14 @@ def add_checkpoint_arguments(p) -> None:
     add_dtype_argument(p)
 
 
+def add_compile_argument(p) -> None:
+    """``--compile`` of every verb that generates (the prompting verbs, serve, eval-pascal5i)."""
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step (torch.compile; CUDA graphs on a GPU): the "
+                   "first batch of each shape compiles; pays on a GPU, not on a CPU; not with "
+                   "--draft")  # fmt: skip
+
+
 def _add_common(p) -> None:
     add_checkpoint_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -297,6 +309,7 @@ def _add_common(p) -> None:
                    "drafting codes for the model: faster, the same greedy answers")  # fmt: skip
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                    help="codes the draft proposes per step of the model (with --draft)")  # fmt: skip
+    add_compile_argument(p)
 
 
 def _add_batch_size(p) -> None:

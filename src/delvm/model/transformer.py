@@ -174,7 +174,8 @@ def attention_and_lse(
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [layers, B, heads, max_len, head_dim] each.
+    """Preallocated keys and values: one [B, heads, max_len, head_dim] tensor each per layer
+    (separate tensors, which a compiled step writes in place; it would copy a slice's whole base).
 
     Its dtype may differ from the weights': on CPU, attention over a long cache is fastest in
     fp32 even when the weights are bf16 (this is what `delvm.inference.generate` uses for decoding).
@@ -183,6 +184,12 @@ class KVCache:
     prompt's example pairs) stores only the positions after it. Every row reads the prefix's
     keys and values, held once: the rows' queries attend to them as one batch, and that part
     and each row's own merge by their log-sum-exp (a cascade, as in Hydragen or FlashInfer).
+
+    Positions come as an int (the cache returns the keys written so far: each step a new key
+    length) or, for a static-shape step, as a 0-dim tensor: then every step writes at that
+    tensor position and attends over the whole cache with a mask of the positions so far, so
+    one compiled graph (or CUDA graph) serves every step. The cache starts zeroed because such
+    a step reads positions not yet written (masked, but 0 x NaN would still be NaN).
     """
 
     def __init__(
@@ -195,37 +202,55 @@ class KVCache:
         prefix: KVCache | None = None,
     ):
         self.prefix = prefix
-        self.offset = prefix.max_len if prefix is not None else 0  # positions the prefix holds
-        shape = (config.num_layers, batch, config.num_heads, max_len - self.offset, config.head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        offset = prefix.max_len if prefix is not None else 0
+        shape = (batch, config.num_heads, max_len - offset, config.head_dim)
+        layers = range(config.num_layers)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.max_len = max_len
 
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def offset(self) -> int:
+        """Positions the prefix holds: this cache stores position ``offset + j`` at index j.
+        (Read from a shape, which a compiled step treats as a size rather than a constant.)"""
+        return 0 if self.prefix is None else self.prefix.keys[0].shape[2]
+
+    def update(
+        self, layer: int, start: int | Tensor, k: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Store k, v [B, H, T, Dh] at positions start.. and return this cache's keys/values
-        up to them (from position ``offset`` on)."""
+        up to them (from position ``offset`` on); all of them if ``start`` is a tensor (a
+        static-shape step: its caller checks the positions, a check here would sync a GPU)."""
+        if isinstance(start, Tensor):
+            index = start - self.offset + torch.arange(k.shape[2], device=k.device)
+            keys, values = self.keys[layer], self.values[layer]
+            keys[:, :, index] = k.to(keys.dtype)  # index_put does not cast
+            values[:, :, index] = v.to(values.dtype)
+            return keys, values
         end = start + k.shape[2]
         if end > self.max_len:
             raise DelvmError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
         if start < self.offset:
             raise DelvmError(f"positions below {self.offset} belong to the shared prefix")
         start, end = start - self.offset, end - self.offset
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def attend(self, layer: int, start: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, layer: int, start: int | Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Store k, v [B, H, T, Dh] at positions start.. and attend q [B, H, T, Dh], the
         queries at those positions, causally to every position so far."""
         keys, values = self.update(layer, start, k, v)
         q = q.to(keys.dtype)
         batch, heads, length, dim = q.shape
+        static = isinstance(start, Tensor)  # keys are the whole cache, written or not
         mask = None  # one new query sees every cached position
-        if length > 1:  # query i sits at position start + i, key j at offset + j
+        if length > 1 or static:  # query i sits at position start + i, key j at offset + j
             rows = torch.arange(length, device=q.device)[:, None] + start - self.offset
             mask = rows >= torch.arange(keys.shape[2], device=q.device)
         if self.prefix is None:
-            causal = length > 1 and start == 0  # the whole prompt at once: the fast causal path
+            # The whole prompt at once: the fast causal path.
+            causal = not static and length > 1 and start == 0
             return F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=None if causal else mask, is_causal=causal
             )
@@ -257,7 +282,7 @@ class Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         cache: KVCache | None,
-        start: int,
+        start: int | Tensor,
         causal: bool = True,
     ) -> Tensor:
         batch, length, hidden = x.shape
@@ -323,7 +348,7 @@ class Block(nn.Module):
         cos: Tensor,
         sin: Tensor,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | Tensor = 0,
         causal: bool = True,
     ) -> Tensor:
         attn = self.attn(self.attn_norm(x), cos, sin, cache, start, causal)
@@ -427,7 +452,7 @@ class VisualLM(nn.Module):
         self,
         x: Tensor,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | Tensor = 0,
         causal: bool = True,
         positions: Tensor | None = None,
     ) -> Tensor:
@@ -437,8 +462,12 @@ class VisualLM(nn.Module):
         bidirectional option); generation always runs causally. ``positions`` [T] (increasing,
         below max_seq_len, without a cache) replaces start..start+T-1: the classifier's patches
         of a 224 px image sit where the codes of a 256 px image did in pretraining (it checks
-        them once; here a check would cost a device sync per call).
+        them once; here a check would cost a device sync per call). A 0-dim tensor ``start``
+        with a cache is a static-shape step (see `KVCache`): its positions are not checked
+        either, the caller checks them (`delvm.inference.generate.Generator`).
         """
+        if isinstance(start, Tensor):
+            positions = start + torch.arange(x.shape[1], device=x.device)
         if positions is None:
             end = start + x.shape[1]
             if end > self.config.max_seq_len:
@@ -453,7 +482,11 @@ class VisualLM(nn.Module):
         return self.norm(x)
 
     def forward(
-        self, ids: Tensor, cache: KVCache | None = None, start: int = 0, last_only: bool = False
+        self,
+        ids: Tensor,
+        cache: KVCache | None = None,
+        start: int | Tensor = 0,
+        last_only: bool = False,
     ) -> Tensor:
         """Logits [B, T, V] for ids [B, T] (only the last position's, [B, 1, V], if last_only)."""
         h = self.hidden_states(self.embed(ids), cache, start)
