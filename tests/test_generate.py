@@ -253,11 +253,12 @@ def test_compiled_decoding_gives_the_eager_codes():
     for prompt in (_shared_context_prompt(512, 3), _shared_context_prompt(512, 1)):
         for sampling in (SamplingConfig(temperature=0), SamplingConfig(temperature=1.0, seed=2)):
             assert torch.equal(compiled(prompt, 16, sampling), eager(prompt, 16, sampling))
-    # bf16 decoding too: the compiled kernels round where the eager ones do.
+    # bf16 decoding too: the compiled kernels round where the eager ones do (else some of
+    # these 150 codes differ).
     compiled = Generator(model, torch.bfloat16, compile=True)
     eager = Generator(model, torch.bfloat16, static=True)
     prompt = _shared_context_prompt(512, 3)
-    assert torch.equal(compiled(prompt, 16), eager(prompt, 16))
+    assert torch.equal(compiled(prompt, 150), eager(prompt, 150))
 
 
 def test_draft_is_refused_with_static_or_compiled_decoding(model):

@@ -200,11 +200,11 @@ class Generator:
     compiled by torch.compile: on CUDA with CUDA graphs ("reduce-overhead"), so each step
     replays as one graph instead of launching every kernel from Python; elsewhere by inductor.
     The codes are the dynamic path's (sums over other shapes or in fused kernels may round
-    otherwise, so a near-tie could differ).
-    The first call with new shapes (batch, prompt length, shared prefix) compiles or records
-    anew; later calls with the same shapes reuse the step and their caches (a CUDA graph reads
-    and writes the addresses it recorded). Speculative decoding reads a varying number of codes
-    per pass and runs the dynamic path only, so ``draft`` excludes ``static`` and ``compile``.
+    otherwise, so a near-tie could differ). The first call with new shapes (batch, prompt
+    length, shared prefix) compiles or records anew; later calls with the same shapes reuse the
+    step and the caches, which stay allocated between calls (a CUDA graph reads and writes the
+    addresses it recorded). Speculative decoding reads a varying number of codes per pass and
+    runs the dynamic path only, so ``draft`` excludes ``static`` and ``compile``.
     """
 
     def __init__(
@@ -303,7 +303,8 @@ class Generator:
 
     def _kept_cache(self, batch: int, max_len: int, prefix: KVCache | None = None) -> KVCache:
         """A cache for static decoding: the last call's when the shapes are the same, since a
-        CUDA graph replays on the addresses it recorded (a new shape drops the last call's)."""
+        CUDA graph replays on the addresses it recorded. A new shape drops the last call's
+        caches but the prefix of this call, so a kept cache over a prefix is kept with it."""
         key = (batch, max_len, 0 if prefix is None else prefix.max_len)
         if key not in self._kept:
             self._kept = {k: kept for k, kept in self._kept.items() if kept is prefix}
@@ -311,9 +312,7 @@ class Generator:
             if self.cuda_graphs:  # read and written in place by the graph, not copied into it
                 for tensor in (*self._kept[key].keys, *self._kept[key].values):
                     torch._dynamo.mark_static_address(tensor)
-        cache = self._kept[key]
-        cache.prefix = prefix
-        return cache
+        return self._kept[key]
 
     def _speculate(
         self,
