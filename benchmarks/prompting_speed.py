@@ -43,6 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from timing import results_file
 
 from delvm.inference.generate import Generator, SamplingConfig
 from delvm.inference.prompting import VisualPrompter
@@ -236,11 +237,17 @@ def classify_differences(decoder: VisualLM, prompts, reference, outputs) -> tupl
 
 
 def draft_benchmark(args: argparse.Namespace) -> None:
+    demo, student_path = train_pair(args.work, args.steps, args.tokenizer_steps)
+    title = "Speculative decoding: `benchmarks/prompting_speed.py draft`"
+    with results_file(args.results, title):
+        measure_drafts(args, demo, student_path)
+
+
+def measure_drafts(args: argparse.Namespace, demo, student_path: Path) -> None:
     from delvm.data.toyworld import ToyWorldConfig
     from delvm.model.checkpoint import load_model
     from delvm.tokenizer import load_tokenizer
 
-    demo, student_path = train_pair(args.work, args.steps, args.tokenizer_steps)
     tokenizer = load_tokenizer(demo.tokenizer_folder)
     teacher = load_model(demo.checkpoint, "cpu").eval()
     student = load_model(student_path, "cpu").eval()
@@ -249,38 +256,51 @@ def draft_benchmark(args: argparse.Namespace) -> None:
     new = prompter.image_tokens
 
     decode_dtype = torch.bfloat16 if args.decode_dtype == "bf16" else None
-    arms = {0: Generator(teacher, decode_dtype)}  # draft length 0: the teacher alone
-    for k in args.draft_tokens:
-        arms[k] = Generator(teacher, decode_dtype, draft=student, draft_tokens=k)
-    for generator in arms.values():
-        generator(prompts[:1], new, GREEDY)  # warm-up
+    # (compiled, draft length): draft length 0 is the teacher alone.
+    arms = {
+        (compiled, k): Generator(
+            teacher, decode_dtype, student if k else None, max(k, 1), compile=compiled
+        )
+        for compiled in ([False, True] if args.compile else [False])
+        for k in [0, *args.draft_tokens]
+    }
+    for generator in arms.values():  # warm-up: compiles every shape the prompts take
+        generator(prompts[:1], new, GREEDY)
     # Every arm once per round, best of the rounds: the machine's load drifts between arms.
     seconds, outputs = {}, {}
     for _ in range(args.repeats):
-        for k, generator in arms.items():
+        for arm, generator in arms.items():
             generator.stats = replace(generator.stats, passes=0, drafted=0, accepted=0)
-            took, outputs[k] = wall(
+            took, outputs[arm] = wall(
                 lambda g=generator: torch.cat([g(p[None], new, GREEDY) for p in prompts])
             )
-            seconds[k] = min(seconds.get(k, float("inf")), took)
-    speed = {k: len(prompts) * new / t for k, t in seconds.items()}
+            seconds[arm] = min(seconds.get(arm, float("inf")), took)
+    speed = {arm: len(prompts) * new / t for arm, t in seconds.items()}
     print(
         f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters, student "
         f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M; {len(prompts)} held-out "
         f"queries, {new} codes each, greedy, batch 1, {args.decode_dtype} decode, best of {args.repeats} "
         f"rounds; {machine(torch.device('cpu'))}"
     )
-    rows = [("teacher alone", "", f"{speed[0]:.1f}", "1.00x", "", "", "")]
-    for k in args.draft_tokens:
-        ties, real = classify_differences(arms[0].decoder, prompts, outputs[0], outputs[k])
+    rows = []
+    eager_alone = arms[False, 0].decoder
+    for (compiled, k), generator in arms.items():
+        name = ("teacher + student draft" if k else "teacher alone") + (
+            ", compiled steps" if compiled else ""
+        )
+        ties, real = classify_differences(
+            eager_alone, prompts, outputs[False, 0], outputs[compiled, k]
+        )
         rows.append(
-            ("teacher + student draft", k, f"{speed[k]:.1f}", f"{speed[k] / speed[0]:.2f}x",
-             f"{arms[k].stats.acceptance:.1%}", f"{int((outputs[k] != outputs[0]).sum())}",
+            (name, k or "", f"{speed[compiled, k]:.1f}", f"{speed[compiled, k] / speed[False, 0]:.2f}x",
+             f"{speed[compiled, k] / speed[compiled, 0]:.2f}x",
+             f"{generator.stats.acceptance:.1%}" if k else "",
+             f"{int((outputs[compiled, k] != outputs[False, 0]).sum())}",
              f"{ties} near-tie / {real} real")
         )  # fmt: skip
     table(
-        ("decoding", "draft length", "tokens/s", "vs alone", "drafts kept",
-         "codes differing", "first differences"),
+        ("decoding", "draft length", "tokens/s", "vs eager alone", "vs alone, same step",
+         "drafts kept", "codes differing", "first differences"),
         rows,
     )  # fmt: skip
 
@@ -428,6 +448,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds; each arm's best is shown")
     p.add_argument("--decode-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="bf16: load_prompter's CPU default (weight copies for decoding)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="the same arms again with compiled decoding steps")  # fmt: skip
+    p.add_argument("--results", metavar="DIR",
+                   help="also write the table to DIR/results.md (for `delvm results`)")  # fmt: skip
     p.set_defaults(func=draft_benchmark)
     p = sub.add_parser("compile", help="eager vs static vs compiled decoding steps")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])

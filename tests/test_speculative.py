@@ -223,3 +223,21 @@ def test_drafts_are_what_the_draft_predicts_after_the_kept_codes(target, draft_t
     assert out[0].tolist() == codes
     assert (generator.stats.passes, generator.stats.accepted) == (passes, kept)
     assert 0 < kept < generator.stats.drafted
+
+
+@pytest.mark.parametrize("draft_name", ["itself", "wrong", "noisy"])
+def test_static_speculation_gives_the_dynamic_codes(target, draft_name):
+    """Static draft steps (one code each) and static passes of the model (k + 1 codes; the
+    last, shorter passes dynamic) keep every code, greedy and sampled, batched and alone, and
+    the caches kept between calls serve a second round."""
+    draft = drafts(target)[draft_name]
+    dynamic = Generator(target, draft=draft, draft_tokens=3)
+    static = Generator(target, draft=draft, draft_tokens=3, static=True)
+    torch.manual_seed(2)
+    context = torch.randint(0, target.config.vocab_size, (1, 24)).expand(3, -1)
+    prompts = [torch.cat([context, torch.randint(0, 512, (3, 6))], 1), context[:1]]
+    for _ in range(2):
+        for prompt in prompts:
+            for sampling in (GREEDY, SamplingConfig(temperature=1.0, seed=3)):
+                assert torch.equal(static(prompt, 29, sampling), dynamic(prompt, 29, sampling))
+    assert static.stats == dynamic.stats

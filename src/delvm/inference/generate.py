@@ -203,8 +203,9 @@ class Generator:
     otherwise, so a near-tie could differ). The first call with new shapes (batch, prompt
     length, shared prefix) compiles or records anew; later calls with the same shapes reuse the
     step and the caches, which stay allocated between calls (a CUDA graph reads and writes the
-    addresses it recorded). Speculative decoding reads a varying number of codes per pass and
-    runs the dynamic path only, so ``draft`` excludes ``static`` and ``compile``.
+    addresses it recorded). With a draft, the draft's step reads one code at a time and the
+    model's pass reads ``draft_tokens + 1`` codes: both are static (and compiled) steps; only the
+    last passes, which draft fewer codes to end at ``max_new_tokens``, run the dynamic path.
     """
 
     def __init__(
@@ -221,20 +222,11 @@ class Generator:
         self.share_prefix = share_prefix
         self.decoder = _decode_copy(model, decode_dtype)
         self.stats = DraftStats()
-        if draft is not None and (static or compile):
-            raise DelvmError(
-                "speculative decoding (a draft model) runs the dynamic decoding path: "
-                "use either the draft or static / compiled decoding (--compile), not both"
-            )
         self.static = static or compile
         self.cuda_graphs = compile and self.decoder.head.weight.device.type == "cuda"
-        self.step = self.decoder  # the one-code decoding step
-        if compile:
-            # CUDA graphs are the "reduce-overhead" mode. Rounding bf16 / fp16 where the eager
-            # kernels round (not keeping fused intermediates in fp32) keeps the eager codes.
-            options = {"triton.cudagraphs": self.cuda_graphs, "emulate_precision_casts": True}
-            self.step = torch.compile(self.decoder, options=options)
-        self._kept: dict[tuple[int, int, int], KVCache] = {}  # static decoding's caches
+        self.compile = compile
+        self.step = self._compiled(self.decoder)  # the model's static decoding step
+        self._kept: dict[tuple[str, int, int, int], KVCache] = {}  # static decoding's caches
         if draft is not None:
             if draft.config.codes != model.config.codes:
                 raise DelvmError(
@@ -244,6 +236,23 @@ class Generator:
             if draft_tokens < 1:
                 raise DelvmError(f"draft_tokens must be >= 1, got {draft_tokens}")
             self.draft_decoder = _decode_copy(draft, decode_dtype)
+            self.draft_step = self._compiled(self.draft_decoder)
+
+    def _compiled(self, decoder: VisualLM) -> Callable[..., Tensor]:
+        if not self.compile:
+            return decoder
+        # CUDA graphs are the "reduce-overhead" mode. Rounding bf16 / fp16 where the eager
+        # kernels round (not keeping fused intermediates in fp32) keeps the eager codes.
+        options = {"triton.cudagraphs": self.cuda_graphs, "emulate_precision_casts": True}
+        return torch.compile(decoder, options=options)
+
+    def _run_step(self, step: Callable[..., Tensor], ids: Tensor, cache: KVCache, start: Tensor):
+        """One static step; its logits are copied out, as the next replay of a CUDA graph
+        overwrites its outputs."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(ids, cache=cache, start=start)
+        return logits.clone() if self.cuda_graphs else logits
 
     @torch.inference_mode()
     def __call__(
@@ -278,37 +287,56 @@ class Generator:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
 
         prompt = prompt.to(device)
-        new_cache = self._kept_cache if self.static else model.new_cache
         cache, logits = prefill(
-            model, prompt, total, share_prefix=self.share_prefix, new_cache=new_cache
+            model, prompt, total, share_prefix=self.share_prefix, new_cache=self._new_cache("model")
         )
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+        # A static step takes its position as a tensor (checked above: total <= max_seq_len).
+        positions = torch.arange(total, device=device) if self.static else range(total)
         if self.draft is not None:
             out[:, 0] = next_token(logits[:, -1, :codes], sampling, generator)
-            draft_cache, _ = prefill(self.draft, prompt, total, share_prefix=self.share_prefix)
-            self._speculate(out, length, cache, draft_cache, sampling, generator)
+            draft_cache, _ = prefill(
+                self.draft,
+                prompt,
+                total,
+                share_prefix=self.share_prefix,
+                new_cache=self._new_cache("draft"),
+            )
+            self._speculate(out, length, positions, cache, draft_cache, sampling, generator)
             return out
-        # A static step takes its position as a tensor (checked above: total <= max_seq_len).
-        positions = (
-            torch.arange(length, total, device=device) if self.static else range(length, total)
-        )
         for step in range(max_new_tokens):
             token = next_token(logits[:, -1, :codes], sampling, generator)
             out[:, step] = token
             if step + 1 < max_new_tokens:
-                if self.cuda_graphs:  # a new step: the graph may overwrite the last step's logits
-                    torch.compiler.cudagraph_mark_step_begin()
-                logits = self.step(token[:, None], cache=cache, start=positions[step])
+                start = positions[length + step]
+                if self.static:
+                    logits = self._run_step(self.step, token[:, None], cache, start)
+                else:
+                    logits = self.decoder(token[:, None], cache=cache, start=start)
         return out
 
-    def _kept_cache(self, batch: int, max_len: int, prefix: KVCache | None = None) -> KVCache:
+    def _new_cache(self, role: str) -> Callable[..., KVCache]:
+        """How `prefill` makes the model's (``role`` "model") or the draft's caches."""
+        model = self.model if role == "model" else self.draft
+        if not self.static:
+            return model.new_cache
+        return lambda batch, max_len, prefix=None: self._kept_cache(
+            role, model, batch, max_len, prefix
+        )
+
+    def _kept_cache(
+        self, role: str, model: VisualLM, batch: int, max_len: int, prefix: KVCache | None
+    ) -> KVCache:
         """A cache for static decoding: the last call's when the shapes are the same, since a
         CUDA graph replays on the addresses it recorded. A new shape drops the last call's
-        caches but the prefix of this call, so a kept cache over a prefix is kept with it."""
-        key = (batch, max_len, 0 if prefix is None else prefix.max_len)
+        caches of that model but the prefix of this call, so a kept cache over a prefix is
+        kept with it."""
+        key = (role, batch, max_len, 0 if prefix is None else prefix.max_len)
         if key not in self._kept:
-            self._kept = {k: kept for k, kept in self._kept.items() if kept is prefix}
-            self._kept[key] = self.model.new_cache(batch, max_len, prefix=prefix)
+            self._kept = {
+                k: kept for k, kept in self._kept.items() if k[0] != role or kept is prefix
+            }
+            self._kept[key] = model.new_cache(batch, max_len, prefix=prefix)
             if self.cuda_graphs:  # read and written in place by the graph, not copied into it
                 for tensor in (*self._kept[key].keys, *self._kept[key].values):
                     torch._dynamo.mark_static_address(tensor)
@@ -318,6 +346,7 @@ class Generator:
         self,
         out: Tensor,
         length: int,
+        positions: Tensor | range,
         cache: KVCache,
         draft_cache: KVCache,
         sampling: SamplingConfig,
@@ -327,7 +356,7 @@ class Generator:
 
         Code j of ``out`` sits at position length + j. Both caches hold the prompt; the newest
         code is in neither. Stale entries past a rejected draft are overwritten before any
-        position reads them (a cache returns only the positions written so far).
+        position reads them (a cache reads only the positions written so far).
         """
         codes, wanted = self.model.config.codes, out.shape[1]
         done, draft_end = 1, length  # codes in out; positions the draft's cache holds
@@ -339,16 +368,18 @@ class Generator:
             pending = out[:, draft_end - length : done]
             drafted, draft_logits = [], []
             for _ in range(k):
-                logits = self.draft_decoder(pending, cache=draft_cache, start=draft_end)
+                draft_logits.append(self._draft_logits(pending, draft_cache, positions, draft_end))
                 draft_end += pending.shape[1]
-                draft_logits.append(logits[:, -1, :codes])
                 pending = next_token(draft_logits[-1], sampling, generator)[:, None]
                 drafted.append(pending)
             drafted = torch.cat([out[:, done - 1 : done], *drafted], dim=1)
-            target_logits = self.decoder(drafted, cache=cache, start=newest)[..., :codes]
+            if self.static and k == self.draft_tokens:  # the static pass: k + 1 codes
+                target_logits = self._run_step(self.step, drafted, cache, positions[newest])
+            else:
+                target_logits = self.decoder(drafted, cache=cache, start=newest)
             n, following = accept_drafts(
-                target_logits,
-                torch.stack(draft_logits, 1) if k else target_logits[:, :0],
+                target_logits[..., :codes],
+                torch.stack(draft_logits, 1) if k else target_logits[:, :0, :codes],
                 drafted[:, 1:],
                 sampling,
                 generator,
@@ -360,6 +391,18 @@ class Generator:
             self.stats.passes += 1
             self.stats.drafted += k
             self.stats.accepted += n
+
+    def _draft_logits(
+        self, ids: Tensor, cache: KVCache, positions: Tensor | range, start: int
+    ) -> Tensor:
+        """The draft's logits [B, codes] after reading ``ids`` [B, n] at positions start..; a
+        static draft step reads one code per call."""
+        codes = self.model.config.codes
+        if not self.static:
+            return self.draft_decoder(ids, cache=cache, start=start)[:, -1, :codes]
+        for j in range(ids.shape[1]):
+            logits = self._run_step(self.draft_step, ids[:, j : j + 1], cache, positions[start + j])
+        return logits[:, -1, :codes]
 
 
 def generate(

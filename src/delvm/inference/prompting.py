@@ -221,7 +221,7 @@ def load_prompter(
     bf16 on a GPU, in fp32 on a CPU. ``draft``: a smaller model trained with the same tokenizer
     (e.g. the distilled student) that drafts ``draft_tokens`` codes per step of the model; the
     answers stay the model's own (speculative decoding). ``compile``: compile the decoding
-    step (`Generator`; CUDA graphs on a GPU), not together with a draft.
+    steps (`Generator`; CUDA graphs on a GPU), the draft's too.
     """
     from delvm.model.checkpoint import (
         checkpoint_tokenizer,
