@@ -293,8 +293,8 @@ def add_compile_argument(p) -> None:
     """``--compile`` of every verb that generates (the prompting verbs, serve, eval-pascal5i)."""
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding step (torch.compile; CUDA graphs on a GPU): the "
-                   "first batch of each shape compiles; pays on a GPU, not on a CPU; not with "
-                   "--draft")  # fmt: skip
+                   "first batch of each shape compiles, so it pays over many queries; with "
+                   "--draft, both models' steps")  # fmt: skip
 
 
 def _add_common(p) -> None:
