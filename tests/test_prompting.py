@@ -183,13 +183,12 @@ def test_compile_flag_reaches_every_generating_verb(parts, tmp_path, monkeypatch
     # compiled step has its own slow test in test_generate.py).
     import delvm.inference.prompting as prompting
 
-    made = []
+    made, generator_class = [], prompting.Generator
 
     def recording(model, decode_dtype, draft, draft_tokens, compile):
         made.append((draft is not None, draft_tokens, compile))
-        return prompting_generator(model, decode_dtype, draft, draft_tokens, static=compile)
+        return generator_class(model, decode_dtype, draft, draft_tokens, static=compile)
 
-    prompting_generator = prompting.Generator
     monkeypatch.setattr(prompting, "Generator", recording)
     tokenizer, model = parts
     tokenizer.save_pretrained(tmp_path / "tok")

@@ -225,7 +225,7 @@ class Generator:
         self.static = static or compile
         self.cuda_graphs = compile and self.decoder.head.weight.device.type == "cuda"
         self.compile = compile
-        self.step = self._compiled(self.decoder)  # the model's static decoding step
+        self.step = self._compiled(self.decoder)  # the model's decoding step
         self._kept: dict[tuple[str, int, int, int], KVCache] = {}  # static decoding's caches
         if draft is not None:
             if draft.config.codes != model.config.codes:
@@ -246,9 +246,11 @@ class Generator:
         options = {"triton.cudagraphs": self.cuda_graphs, "emulate_precision_casts": True}
         return torch.compile(decoder, options=options)
 
-    def _run_step(self, step: Callable[..., Tensor], ids: Tensor, cache: KVCache, start: Tensor):
-        """One static step; its logits are copied out, as the next replay of a CUDA graph
-        overwrites its outputs."""
+    def _run_step(
+        self, step: Callable[..., Tensor], ids: Tensor, cache: KVCache, start: int | Tensor
+    ) -> Tensor:
+        """One decoding step (a tensor ``start`` for a static one). Under CUDA graphs its
+        logits are copied out, as the next replay of a graph overwrites its outputs."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         logits = step(ids, cache=cache, start=start)
@@ -308,11 +310,7 @@ class Generator:
             token = next_token(logits[:, -1, :codes], sampling, generator)
             out[:, step] = token
             if step + 1 < max_new_tokens:
-                start = positions[length + step]
-                if self.static:
-                    logits = self._run_step(self.step, token[:, None], cache, start)
-                else:
-                    logits = self.decoder(token[:, None], cache=cache, start=start)
+                logits = self._run_step(self.step, token[:, None], cache, positions[length + step])
         return out
 
     def _new_cache(self, role: str) -> Callable[..., KVCache]:
@@ -373,9 +371,9 @@ class Generator:
                 pending = next_token(draft_logits[-1], sampling, generator)[:, None]
                 drafted.append(pending)
             drafted = torch.cat([out[:, done - 1 : done], *drafted], dim=1)
-            if self.static and k == self.draft_tokens:  # the static pass: k + 1 codes
+            if k == self.draft_tokens:  # a full pass: k + 1 codes, the step's one shape
                 target_logits = self._run_step(self.step, drafted, cache, positions[newest])
-            else:
+            else:  # the last, shorter passes run eagerly
                 target_logits = self.decoder(drafted, cache=cache, start=newest)
             n, following = accept_drafts(
                 target_logits[..., :codes],
