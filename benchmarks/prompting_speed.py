@@ -17,12 +17,13 @@ through the paper's f16 tokenizer and 300m model (untrained): the wall time of t
 evaluation, and images/s. Meant for a GPU (bf16 weights and cache); on a CPU pass fewer queries.
 
 ``draft``: a teacher and a student distilled from it, trained on the toy world in DIR (the
-demo's world, tokenizer and store; the first run trains them, later runs reuse them). Held-out
-queries of every task are answered greedily at batch 1 by the teacher alone and with the student
-drafting k codes per pass, with the tokens/s of each, the share of drafts kept, and every code
-where the output differs from the teacher's own, split into near-ties (the two codes' logits
-within bf16 rounding of each other, where a pass over k + 1 codes may round otherwise than a
-one-code step) and real differences (expected zero).
+demo's world, tokenizer and store; the first run trains them, later runs reuse them), and that
+student fine-tuned on the teacher's own greedy answers (``distill.answers = "teacher"``, a draft
+model). Held-out queries of every task are answered greedily at batch 1 by the teacher alone and
+with each of the two drafting k codes per pass, with the tokens/s of each, the share of drafts
+kept, and every code where the output differs from the teacher's own, split into near-ties (the
+two codes' logits within bf16 rounding of each other, where a pass over k + 1 codes may round
+otherwise than a one-code step) and real differences (expected zero).
 
 ``compile``: one support pair and a query (768 codes, the pair shared by the rows of a batch)
 continued by 256 codes, at batch 1 and 8, by three decoding steps: today's eager step (the
@@ -170,10 +171,11 @@ TEACHER = {"hidden_size": 512, "intermediate_size": 1376, "num_heads": 8, "num_l
 STUDENT = {"hidden_size": 192, "intermediate_size": 512, "num_heads": 6, "num_layers": 2}
 
 
-def train_pair(work: Path, steps: int, tokenizer_steps: int):
-    """The demo's world, tokenizer and store; a teacher on them; a student distilled from it.
-    Returns the demo (its world, tokenizer, teacher) and the student's checkpoint; trained
-    once, then reused."""
+def train_pair(work: Path, steps: int, tokenizer_steps: int, draft_steps: int):
+    """The demo's world, tokenizer and store; a teacher on them; a student distilled from it;
+    that student fine-tuned on the teacher's greedy answers for ``draft_steps`` (0: none).
+    Returns the demo (its world, tokenizer, teacher) and the drafting models' checkpoints by
+    name; trained once, then reused."""
     from delvm.demo.pipeline import Demo, load_demo_config
     from delvm.train.cli import open_sentences
     from delvm.train.config import TrainConfig, build_config
@@ -197,7 +199,20 @@ def train_pair(work: Path, steps: int, tokenizer_steps: int):
     student = Path(student_config.out) / "checkpoints" / f"step-{steps:06d}"
     if not student.exists():
         Trainer(student_config, open_sentences(student_config)).run()
-    return demo, student
+    drafters = {"student": student}
+    if draft_steps:
+        values.update(out=str(work / "draft"), init_from=str(student), steps=draft_steps,
+                      micro_batch=16)  # fmt: skip
+        values["distill"].update(answers="teacher", w_kd=0.0)  # the teacher's answers, by CE
+        values["data"]["answer_noise"] = 0.0  # clean prompts, as it will read them
+        values["optim"].update(lr=1e-3, min_lr=1e-4, warmup_ratio=0.02)
+        draft_config = build_config(TrainConfig, values, "draft")
+        drafters["student on the teacher's answers"] = (
+            Path(draft_config.out) / "checkpoints" / f"step-{draft_steps:06d}"
+        )
+        if not drafters["student on the teacher's answers"].exists():
+            Trainer(draft_config, open_sentences(draft_config)).run()
+    return demo, drafters
 
 
 def held_out_prompts(prompter: VisualPrompter, world, per_task: int) -> torch.Tensor:
@@ -237,32 +252,32 @@ def classify_differences(decoder: VisualLM, prompts, reference, outputs) -> tupl
 
 
 def draft_benchmark(args: argparse.Namespace) -> None:
-    demo, student_path = train_pair(args.work, args.steps, args.tokenizer_steps)
+    demo, drafters = train_pair(args.work, args.steps, args.tokenizer_steps, args.draft_steps)
     title = "Speculative decoding: `benchmarks/prompting_speed.py draft`"
     with results_file(args.results, title):
-        measure_drafts(args, demo, student_path)
+        measure_drafts(args, demo, drafters)
 
 
-def measure_drafts(args: argparse.Namespace, demo, student_path: Path) -> None:
+def measure_drafts(args: argparse.Namespace, demo, drafters: dict[str, Path]) -> None:
     from delvm.data.toyworld import ToyWorldConfig
     from delvm.model.checkpoint import load_model
     from delvm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(demo.tokenizer_folder)
     teacher = load_model(demo.checkpoint, "cpu").eval()
-    student = load_model(student_path, "cpu").eval()
+    drafts = {name: load_model(path, "cpu").eval() for name, path in drafters.items()}
     prompter = VisualPrompter(teacher, tokenizer)
     prompts = held_out_prompts(prompter, ToyWorldConfig(**demo.config.world), args.per_task)
     new = prompter.image_tokens
 
     decode_dtype = torch.bfloat16 if args.decode_dtype == "bf16" else None
-    # (compiled, draft length): draft length 0 is the teacher alone.
+    # (compiled, drafting model, draft length): ("", 0) is the teacher alone.
     arms = {
-        (compiled, k): Generator(
-            teacher, decode_dtype, student if k else None, max(k, 1), compile=compiled
+        (compiled, name, k): Generator(
+            teacher, decode_dtype, drafts.get(name), max(k, 1), compile=compiled
         )
         for compiled in ([False, True] if args.compile else [False])
-        for k in [0, *args.draft_tokens]
+        for name, k in [("", 0), *((n, k) for n in drafts for k in args.draft_tokens)]
     }
     for generator in arms.values():  # warm-up: compiles every shape the prompts take
         generator(prompts[:1], new, GREEDY)
@@ -276,26 +291,31 @@ def measure_drafts(args: argparse.Namespace, demo, student_path: Path) -> None:
             )
             seconds[arm] = min(seconds.get(arm, float("inf")), took)
     speed = {arm: len(prompts) * new / t for arm, t in seconds.items()}
+    reference = outputs[False, "", 0]
+    sizes = ", ".join(f"{name} {millions(model)}" for name, model in drafts.items())
     print(
-        f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters, student "
-        f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M; {len(prompts)} held-out "
-        f"queries, {new} codes each, greedy, batch 1, {args.decode_dtype} decode, best of {args.repeats} "
-        f"rounds; {machine(torch.device('cpu'))}"
+        f"teacher {millions(teacher)} parameters, {sizes}; {len(prompts)} held-out queries, {new} "
+        f"codes each, greedy, batch 1, {args.decode_dtype} decode, best of {args.repeats} "
+        f"rounds; {machine(torch.device('cpu'))}\n"
     )
+    for name, model in drafts.items():
+        print(f"- the {name}'s first choice is the teacher's code at "
+              f"{agreement(model, prompts, reference):.1%} of the teacher's answers' codes")  # fmt: skip
+    print()
     rows = []
-    eager_alone = arms[False, 0].decoder
-    for (compiled, k), generator in arms.items():
-        name = ("teacher + student draft" if k else "teacher alone") + (
+    for (compiled, name, k), generator in arms.items():
+        label = (f"teacher + {name} drafting" if k else "teacher alone") + (
             ", compiled steps" if compiled else ""
         )
         ties, real = classify_differences(
-            eager_alone, prompts, outputs[False, 0], outputs[compiled, k]
+            arms[False, "", 0].decoder, prompts, reference, outputs[compiled, name, k]
         )
+        here = speed[compiled, name, k]
         rows.append(
-            (name, k or "", f"{speed[compiled, k]:.1f}", f"{speed[compiled, k] / speed[False, 0]:.2f}x",
-             f"{speed[compiled, k] / speed[compiled, 0]:.2f}x",
+            (label, k or "", f"{here:.1f}", f"{here / speed[False, '', 0]:.2f}x",
+             f"{here / speed[compiled, '', 0]:.2f}x",
              f"{generator.stats.acceptance:.1%}" if k else "",
-             f"{int((outputs[compiled, k] != outputs[False, 0]).sum())}",
+             f"{int((outputs[compiled, name, k] != reference).sum())}",
              f"{ties} near-tie / {real} real")
         )  # fmt: skip
     table(
@@ -303,6 +323,18 @@ def measure_drafts(args: argparse.Namespace, demo, student_path: Path) -> None:
          "drafts kept", "codes differing", "first differences"),
         rows,
     )  # fmt: skip
+
+
+def millions(model: VisualLM) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
+
+
+def agreement(draft: VisualLM, prompts: torch.Tensor, answers: torch.Tensor) -> float:
+    """The share of the teacher's answer codes that are the draft's argmax, read with the
+    teacher's answer so far (teacher forcing): what bounds the drafts kept."""
+    with torch.inference_mode():
+        logits = draft(torch.cat([prompts, answers[:, :-1]], 1))[:, prompts.shape[1] - 1 :]
+    return (logits[..., : draft.config.codes].argmax(-1) == answers).float().mean().item()
 
 
 # ---- the compiled decoding step ---------------------------------------------------------------
@@ -442,6 +474,8 @@ def main() -> None:
     p = sub.add_parser("draft", help="the teacher alone vs with its distilled student drafting")
     p.add_argument("--work", type=Path, required=True, help="folder for the trained pair")
     p.add_argument("--steps", type=int, default=1000, help="training steps of each model")
+    p.add_argument("--draft-steps", type=int, default=1000,
+                   help="fine-tuning steps of the student on the teacher's answers (0: none)")  # fmt: skip
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="as the demo's")
     p.add_argument("--per-task", type=int, default=4, help="held-out queries per task")
     p.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 3, 4, 6])

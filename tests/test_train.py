@@ -125,6 +125,54 @@ def test_the_trainer_distils_with_the_configured_weights_and_temperature(tmp_pat
     assert record["loss"] == pytest.approx(0.7 * gt + 1.3 * 2.0**2 * kl, rel=1e-5)
 
 
+@pytest.mark.parametrize("w_kd", [1.3, 0.0])
+def test_a_draft_learns_the_teachers_own_greedy_answers(tmp_path, w_kd):
+    """distill.answers = "teacher": the last image of each sentence is the teacher's greedy answer
+    to the rest, and the loss is on that answer only (with w_kd = 0, on CE alone)."""
+    source = PatternSentences()
+    models = {}
+    for seed, name in enumerate(("student", "teacher")):
+        torch.manual_seed(seed)
+        models[name] = VisualLM(preset("tiny", vocab_size=64, codebook_dim=16),
+                                codebook=source.codebook()).eval()  # fmt: skip
+        save_model(models[name], tmp_path / name)
+    config = tiny_config(tmp_path / "run", f"distill.teacher={str(tmp_path / 'teacher')!r}",
+                         f"init_from={str(tmp_path / 'student')!r}", "distill.answers='teacher'",
+                         "distill.w_gt=0.7", f"distill.w_kd={w_kd}", "distill.temperature=2.0")  # fmt: skip
+    record = Trainer(config, source).train_step(source.tasks)
+    stored = torch.cat(
+        [source.train_batch(0, micro, range(2), source.tasks).ids for micro in (0, 1)]
+    )
+    n = source.image_tokens
+    ids = stored[:, :-n]
+    with torch.no_grad():  # greedy by hand: a whole forward per code, no cache
+        for _ in range(n):
+            ids = torch.cat([ids, models["teacher"](ids)[:, -1].argmax(-1, keepdim=True)], 1)
+        student, teacher = (models[m](ids[:, :-1])[:, -n:].flatten(0, 1) for m in models)
+    assert (ids[:, -n:] != stored[:, -n:]).float().mean() > 0.5  # not the stored answers
+    gt = F.cross_entropy(student, ids[:, -n:].flatten()).item()
+    kl = F.kl_div(F.log_softmax(student / 2.0, -1), F.log_softmax(teacher / 2.0, -1),
+                  reduction="batchmean", log_target=True).item()  # fmt: skip
+    kd = 2.0**2 * kl if w_kd else 0.0
+    assert record["loss_gt"] == pytest.approx(gt, rel=1e-5)
+    assert record["loss_kd"] == pytest.approx(kd, rel=1e-5, abs=1e-9)
+    assert record["loss"] == pytest.approx(0.7 * gt + w_kd * kd, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["distill.answers='teacher'"], "needs distill.teacher"),
+        (["distill.answers='teacher'", "distill.teacher='t'", "data.answer_noise=0.5"],
+         "set data.answer_noise = 0"),
+        (["distill.answers='student'"], "use 'data' or 'teacher'"),
+    ],
+)  # fmt: skip
+def test_teacher_answers_need_a_teacher_and_clean_prompts(tmp_path, settings, message):
+    with pytest.raises(DelvmError, match=message):
+        tiny_config(tmp_path / "run", *settings)
+
+
 def test_a_llama_teacher_distils_into_a_vit_student(tmp_path):
     # kd_1b_to_80m's pairing at toy size: the 80M student has the ViT-style block, the 1B llama's.
     source = PatternSentences()

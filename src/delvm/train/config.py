@@ -74,8 +74,11 @@ class OptimSection:
 class DistillSection:
     teacher: str = ""  # a delvm checkpoint or a Hugging Face llama / internlm folder
     w_gt: float = 1.0
-    w_kd: float = 1.0
+    w_kd: float = 1.0  # 0: the teacher is not run on the batch (only its answers are learnt)
     temperature: float = 1.0
+    # data: learn every sentence as stored | teacher: learn the teacher's own greedy answer to
+    # each sentence's prompt, on the answer only (a draft for speculative decoding)
+    answers: str = "data"
 
 
 @dataclass
@@ -128,6 +131,7 @@ class TrainConfig:
                 raise DelvmError(f"config {name} = {getattr(self, name)!r}: use one of {allowed}")
         if self.data.balance not in ("none", "resample", "augment"):
             raise DelvmError(f"config data.balance = {self.data.balance!r}: none|resample|augment")
+        self._check_distill()
         if self.stages and sum(s.steps for s in self.stages) != self.steps:
             raise DelvmError(
                 f"config stages add up to {sum(s.steps for s in self.stages)} steps but steps = "
@@ -145,6 +149,23 @@ class TrainConfig:
                 raise DelvmError(
                     f"config stages[{i}]: min_lr {optim.min_lr} must lie in 0..lr ({optim.lr})"
                 )
+
+    def _check_distill(self) -> None:
+        d = self.distill
+        if d.answers not in ("data", "teacher"):
+            raise DelvmError(f"config distill.answers = {d.answers!r}: use 'data' or 'teacher'")
+        if d.w_gt < 0 or d.w_kd < 0:
+            raise DelvmError("config distill.w_gt and distill.w_kd must be >= 0")
+        if d.answers == "teacher" and not d.teacher:
+            raise DelvmError(
+                "config distill.answers = 'teacher' needs distill.teacher: set the teacher whose "
+                "answers to learn"
+            )
+        if d.answers == "teacher" and self.data.answer_noise > 0:
+            raise DelvmError(
+                "config distill.answers = 'teacher' learns the teacher's answers to clean prompts, "
+                f"but data.answer_noise = {self.data.answer_noise}; set data.answer_noise = 0"
+            )
 
     def stage_optim(self, index: int) -> OptimSection:
         """``[optim]`` with stage ``index``'s own lr / min_lr where it sets them."""

@@ -3,7 +3,7 @@
 loss = w_gt * CE(student, labels) + w_kd * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 The KL is averaged over the positions that have a label (DeLVM's code also averaged padding);
-the teacher runs in eval mode without gradients on the same batch.
+the teacher runs in eval mode without gradients on the same batch (not at all when w_kd = 0).
 """
 
 from __future__ import annotations
@@ -19,23 +19,28 @@ from delvm.model.checkpoint import load_model, read_checkpoint_config
 from delvm.model.hf import is_hf_folder
 from delvm.model.transformer import VisualLM
 
+IGNORE = -100  # the label of a position without one (cross_entropy's ignore_index)
+
 
 def kd_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None,
     labels: Tensor,
     w_gt: float = 1.0,
     w_kd: float = 1.0,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Return (total, loss_gt, loss_kd); logits [..., V], labels [...] (ignore_index = no label)."""
+    """Return (total, loss_gt, loss_kd); logits [..., V], labels [...] (ignore_index = no label).
+    Without teacher logits (w_kd = 0) loss_kd is 0."""
     vocab = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab).float()
-    teacher = teacher_logits.reshape(-1, vocab).float()
     labels = labels.reshape(-1)
-    valid = labels != ignore_index
     loss_gt = F.cross_entropy(student, labels, ignore_index=ignore_index)
+    if teacher_logits is None:
+        return w_gt * loss_gt, loss_gt, torch.zeros_like(loss_gt)
+    teacher = teacher_logits.reshape(-1, vocab).float()
+    valid = labels != ignore_index
     log_p_student = F.log_softmax(student[valid] / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher[valid] / temperature, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from delvm.data.sampler import SentenceBatch
 from delvm.errors import DelvmError
 from delvm.evaluation.metrics import TaskMetrics
+from delvm.inference.generate import Generator
 from delvm.model.checkpoint import load_model, save_weights
 from delvm.model.transformer import ModelConfig, VisualLM, preset
 from delvm.train.config import TrainConfig
-from delvm.train.distill import kd_loss, load_teacher
+from delvm.train.distill import IGNORE, kd_loss, load_teacher
 from delvm.train.distributed import World, all_reduce_mean, barrier, init_world, wrap_model
 from delvm.train.optim import build_optimizer, stage_lr
 from delvm.train.precision import training_autocast
@@ -142,11 +143,13 @@ class Trainer:
         )
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = build_optimizer(self.model, config.optim)
-        self.teacher = None
+        self.teacher = self.answerer = None
         if config.distill.teacher:
             self.teacher = load_teacher(
                 config.distill.teacher, bare, self.device, source.tokenizer_fingerprint
             )
+        if config.distill.answers == "teacher":
+            self.answerer = Generator(self.teacher)
 
         self.plan = stage_plan(config, source.tasks)
         self.tokens_per_step = config.tokens_per_step(self.world.size)
@@ -217,19 +220,35 @@ class Trainer:
     def _loss(self, ids: Tensor, inputs: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         """The loss on `ids`; the model reads `inputs` (noisy answers) where given."""
         labels = ids[:, 1:]
+        if self.answerer is not None:
+            ids, labels = self._teacher_answers(ids)
         inputs = ids[:, :-1] if inputs is None else inputs
         with self.autocast:
             logits = self.forward(inputs)
         if self.teacher is None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
             return loss, {}
-        with torch.no_grad(), self.autocast:
-            teacher_logits = self.teacher(inputs)
         d = self.config.distill
+        teacher_logits = None
+        if d.w_kd > 0:
+            with torch.no_grad(), self.autocast:
+                teacher_logits = self.teacher(inputs)
         loss, loss_gt, loss_kd = kd_loss(
-            logits, teacher_logits, labels, d.w_gt, d.w_kd, d.temperature
+            logits, teacher_logits, labels, d.w_gt, d.w_kd, d.temperature, IGNORE
         )
         return loss, {"loss_gt": loss_gt.item(), "loss_kd": loss_kd.item()}
+
+    def _teacher_answers(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``distill.answers = "teacher"``: each sentence with its last image replaced by the
+        teacher's greedy answer to the rest, and labels on that answer only: a draft model
+        learns to predict what the teacher will say, which is what speculative decoding
+        keeps (`delvm.inference.generate`)."""
+        n = self.source.image_tokens
+        answer = self.answerer(ids[:, :-n], n)
+        ids = torch.cat([ids[:, :-n], answer], dim=1)
+        labels = ids[:, 1:].clone()
+        labels[:, :-n] = IGNORE
+        return ids, labels
 
     def train_step(self, tasks: list[str]) -> dict[str, float]:
         config, world = self.config, self.world
