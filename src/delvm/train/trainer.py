@@ -234,7 +234,7 @@ class Trainer:
             with torch.no_grad(), self.autocast:
                 teacher_logits = self.teacher(inputs)
         loss, loss_gt, loss_kd = kd_loss(
-            logits, teacher_logits, labels, d.w_gt, d.w_kd, d.temperature, IGNORE
+            logits, teacher_logits, labels, d.w_gt, d.w_kd, d.temperature
         )
         return loss, {"loss_gt": loss_gt.item(), "loss_kd": loss_kd.item()}
 
