@@ -31,7 +31,8 @@ demo: $(STAMP)
 	$(VENV)/bin/delvm demo demo
 	@echo "report: demo_out/report.html"
 
-# The same pipeline, longer (33 minutes measured on 2 cores), into demo_full_out/.
+# The same pipeline with more data and steps, into demo_full_out/ (each stage's run time is in
+# demo_full_out/timings.json).
 demo-full: $(STAMP)
 	$(VENV)/bin/delvm demo demo_full
 	@echo "report: demo_full_out/report.html"

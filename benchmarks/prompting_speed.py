@@ -20,9 +20,11 @@ evaluation, and images/s. Meant for a GPU (bf16 weights and cache); on a CPU pas
 demo's world, tokenizer and store; the first run trains them, later runs reuse them), and that
 student fine-tuned on the teacher's own greedy answers (``distill.answers = "teacher"``, a draft
 model). Held-out queries of every task are answered greedily at batch 1 by the teacher alone and
-with each of the two drafting k codes per pass, with the tokens/s of each, the share of drafts
-kept, and every code where the output differs from the teacher's own, split into near-ties (the
-two codes' logits within bf16 rounding of each other, where a pass over k + 1 codes may round
+with each of the two drafting up to k codes per pass (fewer after a code the draft gave less than
+a ``--thresholds`` probability), with the tokens/s of each (and of decoding alone: the time of
+the prefills left out), the share of drafts kept, the codes each pass of the teacher yields, and
+every code where the output differs from the teacher's own, split into near-ties (the two
+codes' logits within bf16 rounding of each other, where a pass over k + 1 codes may round
 otherwise than a one-code step) and real differences (expected zero).
 
 ``compile``: one support pair and a query (768 codes, the pair shared by the rows of a batch)
@@ -271,27 +273,32 @@ def measure_drafts(args: argparse.Namespace, demo, drafters: dict[str, Path]) ->
     new = prompter.image_tokens
 
     decode_dtype = torch.bfloat16 if args.decode_dtype == "bf16" else None
-    # (compiled, drafting model, draft length): ("", 0) is the teacher alone.
+    # (compiled, drafting model, draft length, threshold): ("", 0, 0) is the teacher alone.
+    drafting = [(n, k, t) for n in drafts for k in args.draft_tokens for t in args.thresholds]
     arms = {
-        (compiled, name, k): Generator(
-            teacher, decode_dtype, drafts.get(name), max(k, 1), compile=compiled
+        (compiled, name, k, threshold): Generator(
+            teacher, decode_dtype, drafts.get(name), max(k, 1), threshold, compile=compiled
         )
         for compiled in ([False, True] if args.compile else [False])
-        for name, k in [("", 0), *((n, k) for n in drafts for k in args.draft_tokens)]
+        for name, k, threshold in [("", 0, 0.0), *drafting]
     }
-    for generator in arms.values():  # warm-up: compiles every shape the prompts take
-        generator(prompts[:1], new, GREEDY)
-    # Every arm once per round, best of the rounds: the machine's load drifts between arms.
-    seconds, outputs = {}, {}
+    answer = lambda g, codes: torch.cat([g(p[None], codes, GREEDY) for p in prompts])  # noqa: E731
+    for generator in arms.values():  # warm-up: compiles every shape the answers take
+        answer(generator, new)
+    # Every arm once per round, best of the rounds: the machine's load drifts between arms. The
+    # time of one code (the prefills) is timed apart, so decoding's own speed shows too.
+    seconds, first, outputs = {}, {}, {}
     for _ in range(args.repeats):
         for arm, generator in arms.items():
             generator.stats = replace(generator.stats, passes=0, drafted=0, accepted=0)
-            took, outputs[arm] = wall(
-                lambda g=generator: torch.cat([g(p[None], new, GREEDY) for p in prompts])
-            )
+            took, outputs[arm] = wall(lambda g=generator: answer(g, new))
             seconds[arm] = min(seconds.get(arm, float("inf")), took)
+            one_code = wall(lambda g=generator: answer(g, 1))[0]
+            first[arm] = min(first.get(arm, float("inf")), one_code)
     speed = {arm: len(prompts) * new / t for arm, t in seconds.items()}
-    reference = outputs[False, "", 0]
+    decoding = {arm: len(prompts) * (new - 1) / (t - first[arm]) for arm, t in seconds.items()}
+    alone = False, "", 0, 0.0
+    reference = outputs[alone]
     sizes = ", ".join(f"{name} {millions(model)}" for name, model in drafts.items())
     print(
         f"teacher {millions(teacher)} parameters, {sizes}; {len(prompts)} held-out queries, {new} "
@@ -301,26 +308,31 @@ def measure_drafts(args: argparse.Namespace, demo, drafters: dict[str, Path]) ->
     for name, model in drafts.items():
         print(f"- the {name}'s first choice is the teacher's code at "
               f"{agreement(model, prompts, reference):.1%} of the teacher's answers' codes")  # fmt: skip
-    print()
+    print(
+        f"- the prefills (the prompt's {prompts.shape[1]} codes into each model) take "
+        f"{first[alone] / seconds[alone]:.0%} of the teacher alone's time; 'decoding' leaves "
+        "them out (the time of all codes minus the time of the first)\n"
+    )
     rows = []
-    for (compiled, name, k), generator in arms.items():
+    for (compiled, name, k, threshold), generator in arms.items():
         label = (f"teacher + {name} drafting" if k else "teacher alone") + (
             ", compiled steps" if compiled else ""
         )
-        ties, real = classify_differences(
-            arms[False, "", 0].decoder, prompts, reference, outputs[compiled, name, k]
-        )
-        here = speed[compiled, name, k]
+        arm = compiled, name, k, threshold
+        ties, real = classify_differences(arms[alone].decoder, prompts, reference, outputs[arm])
+        stats = generator.stats
         rows.append(
-            (label, k or "", f"{here:.1f}", f"{here / speed[False, '', 0]:.2f}x",
-             f"{here / speed[compiled, '', 0]:.2f}x",
-             f"{generator.stats.acceptance:.1%}" if k else "",
-             f"{int((outputs[compiled, name, k] != reference).sum())}",
-             f"{ties} near-tie / {real} real")
+            (label, k or "", threshold if k else "", f"{speed[arm]:.1f}",
+             f"{speed[arm] / speed[alone]:.2f}x", f"{speed[arm] / speed[compiled, '', 0, 0.0]:.2f}x",
+             f"{decoding[arm] / decoding[alone]:.2f}x",
+             f"{stats.acceptance:.1%}" if k else "",
+             f"{(stats.accepted + stats.passes) / stats.passes:.2f}" if k else "",
+             f"{int((outputs[arm] != reference).sum())}", f"{ties} near-tie / {real} real")
         )  # fmt: skip
     table(
-        ("decoding", "draft length", "tokens/s", "vs eager alone", "vs alone, same step",
-         "drafts kept", "codes differing", "first differences"),
+        ("decoding", "draft length", "threshold", "tokens/s", "vs eager alone",
+         "vs alone, same step", "decoding vs eager alone", "drafts kept", "codes per pass",
+         "codes differing", "first differences"),
         rows,
     )  # fmt: skip
 
@@ -478,7 +490,10 @@ def main() -> None:
                    help="fine-tuning steps of the student on the teacher's answers (0: none)")  # fmt: skip
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="as the demo's")
     p.add_argument("--per-task", type=int, default=4, help="held-out queries per task")
-    p.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 3, 4, 6])
+    p.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 3, 4, 6],
+                   help="draft lengths (the most codes drafted per pass)")  # fmt: skip
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.0],
+                   help="draft thresholds (Generator's draft_threshold; 0: always k codes)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="rounds; each arm's best is shown")
     p.add_argument("--decode-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="bf16: load_prompter's CPU default (weight copies for decoding)")  # fmt: skip

@@ -185,9 +185,10 @@ def test_compile_flag_reaches_every_generating_verb(parts, tmp_path, monkeypatch
 
     made, generator_class = [], prompting.Generator
 
-    def recording(model, decode_dtype, draft, draft_tokens, compile):
-        made.append((draft is not None, draft_tokens, compile))
-        return generator_class(model, decode_dtype, draft, draft_tokens, static=compile)
+    def recording(model, decode_dtype, draft, draft_tokens, draft_threshold, compile):
+        made.append((draft is not None, draft_tokens, draft_threshold, compile))
+        return generator_class(model, decode_dtype, draft, draft_tokens, draft_threshold,
+                               static=compile)  # fmt: skip
 
     monkeypatch.setattr(prompting, "Generator", recording)
     tokenizer, model = parts
@@ -196,6 +197,7 @@ def test_compile_flag_reaches_every_generating_verb(parts, tmp_path, monkeypatch
     Image.fromarray(images(1)[0]).save(tmp_path / "q.png")
     args = ["inpaint", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tok"),
             str(tmp_path / "q.png"), "--out", str(tmp_path / "out"), "--device", "cpu"]  # fmt: skip
-    assert main([*args, "--compile", "--draft", str(tmp_path / "ckpt"), "--draft-tokens", "3"]) == 0
-    assert made == [(True, 3, True)]
+    draft = ["--draft", str(tmp_path / "ckpt"), "--draft-tokens", "3", "--draft-threshold", "0.5"]
+    assert main([*args, "--compile", *draft]) == 0
+    assert made == [(True, 3, 0.5, True)]
     assert (tmp_path / "out" / "q_inpainted.png").is_file()

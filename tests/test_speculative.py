@@ -39,13 +39,14 @@ def drafts(target: VisualLM) -> dict[str, VisualLM]:
     return {"itself": target, "wrong": wrong, "noisy": noisy, "random": tiny_model(1, "vit")}
 
 
-@pytest.mark.parametrize("draft_tokens", [1, 3, 8])
-def test_greedy_output_is_the_models_own(target, draft_tokens):
+@pytest.mark.parametrize("draft_tokens, threshold", [(1, 0.0), (3, 0.0), (8, 0.0), (8, 0.5)])
+def test_greedy_output_is_the_models_own(target, draft_tokens, threshold):
     prompt = torch.randint(0, target.config.vocab_size, (3, 30))
     reference = Generator(target)(prompt, 41, GREEDY)
     kept = {}
     for name, draft in drafts(target).items():
-        generator = Generator(target, draft=draft, draft_tokens=draft_tokens)
+        generator = Generator(target, draft=draft, draft_tokens=draft_tokens,
+                              draft_threshold=threshold)  # fmt: skip
         assert torch.equal(generator(prompt, 41, GREEDY), reference), name
         for row in range(3):  # batched rows advance together; alone, each keeps its own run
             assert torch.equal(
@@ -61,6 +62,8 @@ def test_draft_must_share_the_codes_and_fit(target):
         Generator(target, draft=tiny_model(1, vocab=64))
     with pytest.raises(DelvmError, match="draft_tokens"):
         Generator(target, draft=target, draft_tokens=0)
+    with pytest.raises(DelvmError, match="draft_threshold must lie in"):
+        Generator(target, draft=target, draft_threshold=1.5)
     short = VisualLM(preset("tiny", max_seq_len=32))
     with pytest.raises(DelvmError, match="draft model's max_seq_len 32"):
         Generator(target, draft=short)(torch.zeros(1, 30, dtype=torch.long), 5)
@@ -174,6 +177,37 @@ def test_prompter_with_a_draft_gives_its_own_greedy_images(tmp_path):
     assert main([*args, "--out", str(tmp_path / "x"), "--draft", str(tmp_path / "other")]) == 2
 
 
+@pytest.mark.slow
+def test_sampled_codes_follow_the_target_distribution_when_drafts_stop_early():
+    """With a draft threshold, where a pass stops depends on the codes the draft drew; each
+    code still follows the target. One row per call (a batch stops where any row would), 800
+    calls over 4 codes, 3 drafted at most: codes 2 and 3 jointly and code 4 tested exactly."""
+    v = 4
+    target = tiny_model(2, vocab=v, scale=3.0)
+    draft = tiny_model(3, "vit", vocab=v, scale=3.0)
+    prompt = torch.randint(0, v, (1, 10))
+    generator = Generator(target, draft=draft, draft_tokens=3, draft_threshold=0.4)
+    calls = 800
+    out = torch.cat(
+        [generator(prompt, 4, SamplingConfig(temperature=1.0, seed=i)) for i in range(calls)]
+    )
+    stats = generator.stats
+    assert calls < stats.passes and stats.drafted < 3 * stats.passes  # some stopped short
+    with torch.no_grad():
+        after = [prompt]  # every continuation of the prompt by 0, 1, 2 codes
+        for _ in range(3):
+            grown = after[-1].repeat_interleave(v, 0)
+            after.append(torch.cat([grown, torch.arange(v).repeat(len(after[-1]))[:, None]], 1))
+        joint = torch.ones(1)
+        for seqs in after:  # joint [v ** (i + 1)] of codes 1..i+1, extended one code at a time
+            joint = (joint[:, None] * target(seqs)[:, -1].softmax(-1)).flatten()
+    joint = joint.view(v, v, v, v)
+    counts23 = torch.bincount(out[:, 1] * v + out[:, 2], minlength=v * v).float()
+    counts4 = torch.bincount(out[:, 3], minlength=v).float()
+    assert chi_square_p_value(counts23, joint.sum((0, 3)).flatten()) > 1e-3
+    assert chi_square_p_value(counts4, joint.sum((0, 1, 2))) > 1e-3
+
+
 def test_answer_nll_of_rows_sharing_a_prefix_equals_each_row_alone():
     import numpy as np
 
@@ -192,47 +226,60 @@ def test_answer_nll_of_rows_sharing_a_prefix_equals_each_row_alone():
     assert len(set(together)) == 3
 
 
-def cacheless_speculation(target, draft, prompt, new, k) -> tuple[list[int], int, int]:
-    """Greedy speculative decoding by full forward passes, no caches: codes, passes, kept."""
+def cacheless_speculation(
+    target, draft, prompt, new, k, threshold=0.0
+) -> tuple[list[int], int, int, int]:
+    """Greedy speculative decoding by full forward passes, no caches: codes, passes, drafted,
+    kept. A pass drafts no further after a code the draft gave less than ``threshold``."""
     argmax = lambda model, seq: int(model(torch.tensor([seq]))[0, -1].argmax())  # noqa: E731
+    top = lambda model, seq: float(model(torch.tensor([seq]))[0, -1].softmax(-1).max())  # noqa: E731
     seq = prompt.tolist()
     with torch.no_grad():
         seq.append(argmax(target, seq))
-        passes = kept = 0
+        passes = drafted = kept = 0
         while len(seq) - len(prompt) < new:
             proposal = []
             for _ in range(min(k, new - (len(seq) - len(prompt)) - 1)):
                 proposal.append(argmax(draft, seq + proposal))
+                if top(draft, seq + proposal[:-1]) < threshold:
+                    break
+            drafted += len(proposal)
             n = 0
             while n < len(proposal) and proposal[n] == argmax(target, seq + proposal[:n]):
                 n += 1
             seq += proposal[:n] + [argmax(target, seq + proposal[:n])]
             passes, kept = passes + 1, kept + n
-    return seq[len(prompt) :], passes, kept
+    return seq[len(prompt) :], passes, drafted, kept
 
 
-@pytest.mark.parametrize("draft_tokens", [2, 5])
-def test_drafts_are_what_the_draft_predicts_after_the_kept_codes(target, draft_tokens):
-    """The draft's cache follows the kept codes: its proposals, and so how many are kept and
-    how many passes run, are those of a cacheless reference."""
+@pytest.mark.parametrize("draft_tokens, threshold", [(2, 0.0), (5, 0.0), (5, 0.6)])
+def test_drafts_are_what_the_draft_predicts_after_the_kept_codes(target, draft_tokens, threshold):
+    """The draft's cache follows the kept codes: its proposals, and so how many are drafted and
+    kept and how many passes run, are those of a cacheless reference (with a threshold too)."""
     draft = drafts(target)["noisy"]
     prompt = torch.randint(0, target.config.vocab_size, (1, 20))
-    generator = Generator(target, draft=draft, draft_tokens=draft_tokens)
+    generator = Generator(target, draft=draft, draft_tokens=draft_tokens, draft_threshold=threshold)
     out = generator(prompt, 30, GREEDY)
-    codes, passes, kept = cacheless_speculation(target, draft, prompt[0], 30, draft_tokens)
+    reference = cacheless_speculation(target, draft, prompt[0], 30, draft_tokens, threshold)
+    codes, passes, drafted, kept = reference
     assert out[0].tolist() == codes
-    assert (generator.stats.passes, generator.stats.accepted) == (passes, kept)
-    assert 0 < kept < generator.stats.drafted
+    stats = generator.stats
+    assert (stats.passes, stats.drafted, stats.accepted) == (passes, drafted, kept)
+    assert 0 < kept < drafted
+    if threshold:  # some passes stopped short of draft_tokens
+        assert drafted < draft_tokens * (passes - 1)
 
 
-@pytest.mark.parametrize("draft_name", ["itself", "wrong", "noisy"])
-def test_static_speculation_gives_the_dynamic_codes(target, draft_name):
-    """Static draft steps (one code each) and static passes of the model (k + 1 codes; the
-    last, shorter passes dynamic) keep every code, greedy and sampled, batched and alone, and
-    the caches kept between calls serve a second round."""
+@pytest.mark.parametrize(
+    "draft_name, threshold", [("itself", 0.0), ("wrong", 0.0), ("noisy", 0.0), ("noisy", 0.5)]
+)
+def test_static_speculation_gives_the_dynamic_codes(target, draft_name, threshold):
+    """Static draft steps (one code each) and static passes of the model (up to k + 1 codes)
+    keep every code, greedy and sampled, batched and alone, and the caches kept between calls
+    serve a second round."""
     draft = drafts(target)[draft_name]
-    dynamic = Generator(target, draft=draft, draft_tokens=3)
-    static = Generator(target, draft=draft, draft_tokens=3, static=True)
+    dynamic = Generator(target, draft=draft, draft_tokens=3, draft_threshold=threshold)
+    static = Generator(target, draft=draft, draft_tokens=3, draft_threshold=threshold, static=True)
     torch.manual_seed(2)
     context = torch.randint(0, target.config.vocab_size, (1, 24)).expand(3, -1)
     prompts = [torch.cat([context, torch.randint(0, 512, (3, 6))], 1), context[:1]]

@@ -190,8 +190,11 @@ class Generator:
     without bf16 units), and the KV cache stays in the model's dtype. With ``decode_dtype=None``
     every step runs in the model's own precision (what the parity tests check).
 
-    With a ``draft`` model (same codes, e.g. the distilled student), it drafts ``draft_tokens``
-    codes per pass of the model (speculative decoding); ``stats`` counts how many were kept.
+    With a ``draft`` model (same codes, e.g. the distilled student), it drafts up to
+    ``draft_tokens`` codes per pass of the model (speculative decoding); ``stats`` counts how
+    many were kept. With a ``draft_threshold`` a pass drafts no further once the draft gave a
+    code less than that probability (any row of the batch): unlikely drafts are rarely kept, so
+    the pass verifies what has been drafted instead. The output does not depend on it.
     The prefix all rows of a batch share is prefilled once (`prefill`) unless ``share_prefix``
     is False.
 
@@ -204,8 +207,8 @@ class Generator:
     length, shared prefix) compiles or records anew; later calls with the same shapes reuse the
     step and the caches, which stay allocated between calls (a CUDA graph reads and writes the
     addresses it recorded). With a draft, the draft's step reads one code at a time and the
-    model's pass reads ``draft_tokens + 1`` codes: both are static (and compiled) steps; only the
-    last passes, which draft fewer codes to end at ``max_new_tokens``, run the dynamic path.
+    model's pass reads the drafted codes and the newest one: both are static (and compiled,
+    once per number of codes a pass reads) steps.
     """
 
     def __init__(
@@ -214,11 +217,13 @@ class Generator:
         decode_dtype: torch.dtype | None = None,
         draft: VisualLM | None = None,
         draft_tokens: int = 4,
+        draft_threshold: float = 0.0,
         share_prefix: bool = True,
         static: bool = False,
         compile: bool = False,
     ):
         self.model, self.draft, self.draft_tokens = model, draft, draft_tokens
+        self.draft_threshold = draft_threshold
         self.share_prefix = share_prefix
         self.decoder = _decode_copy(model, decode_dtype)
         self.stats = DraftStats()
@@ -235,6 +240,8 @@ class Generator:
                 )
             if draft_tokens < 1:
                 raise DelvmError(f"draft_tokens must be >= 1, got {draft_tokens}")
+            if not 0.0 <= draft_threshold <= 1.0:
+                raise DelvmError(f"draft_threshold must lie in [0, 1], got {draft_threshold}")
             self.draft_decoder = _decode_copy(draft, decode_dtype)
             self.draft_step = self._compiled(self.draft_decoder)
 
@@ -243,8 +250,9 @@ class Generator:
             return decoder
         # CUDA graphs are the "reduce-overhead" mode. Rounding bf16 / fp16 where the eager
         # kernels round (not keeping fused intermediates in fp32) keeps the eager codes.
+        # One graph per shape, no dynamic shapes: a pass reads 1 to draft_tokens + 1 codes.
         options = {"triton.cudagraphs": self.cuda_graphs, "emulate_precision_casts": True}
-        return torch.compile(decoder, options=options)
+        return torch.compile(decoder, dynamic=False, options=options)
 
     def _run_step(
         self, step: Callable[..., Tensor], ids: Tensor, cache: KVCache, start: int | Tensor
@@ -362,19 +370,19 @@ class Generator:
             k = min(self.draft_tokens, wanted - done - 1)
             newest = length + done - 1
             # The draft reads what it has not read yet (one code, or two after a pass that kept
-            # every draft) and proposes k codes, one per step.
+            # every draft) and proposes up to k codes, one per step.
             pending = out[:, draft_end - length : done]
             drafted, draft_logits = [], []
-            for _ in range(k):
+            while len(drafted) < k:
                 draft_logits.append(self._draft_logits(pending, draft_cache, positions, draft_end))
                 draft_end += pending.shape[1]
                 pending = next_token(draft_logits[-1], sampling, generator)[:, None]
                 drafted.append(pending)
+                if self._unlikely(draft_logits[-1], pending, sampling):
+                    break
+            k = len(drafted)
             drafted = torch.cat([out[:, done - 1 : done], *drafted], dim=1)
-            if k == self.draft_tokens:  # a full pass: k + 1 codes, the step's one shape
-                target_logits = self._run_step(self.step, drafted, cache, positions[newest])
-            else:  # the last, shorter passes run eagerly
-                target_logits = self.decoder(drafted, cache=cache, start=newest)
+            target_logits = self._run_step(self.step, drafted, cache, positions[newest])
             n, following = accept_drafts(
                 target_logits[..., :codes],
                 torch.stack(draft_logits, 1) if k else target_logits[:, :0, :codes],
@@ -389,6 +397,15 @@ class Generator:
             self.stats.passes += 1
             self.stats.drafted += k
             self.stats.accepted += n
+
+    def _unlikely(self, logits: Tensor, drafted: Tensor, sampling: SamplingConfig) -> bool:
+        """Whether any row's drafted code [B, 1] had a probability below the threshold under
+        the draft's ``logits`` [B, codes] (greedy: the softmax at temperature 1)."""
+        if self.draft_threshold == 0:
+            return False
+        greedy = sampling.temperature == 0
+        probs = logits.float().softmax(-1) if greedy else probabilities(logits, sampling)
+        return bool((probs.gather(-1, drafted) < self.draft_threshold).any())
 
     def _draft_logits(
         self, ids: Tensor, cache: KVCache, positions: Tensor | range, start: int

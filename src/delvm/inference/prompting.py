@@ -46,6 +46,7 @@ class VisualPrompter:
         draft: VisualLM | None = None,
         draft_tokens: int = 4,
         compile: bool = False,
+        draft_threshold: float = 0.0,
     ):
         if batch_size < 1:
             raise DelvmError(f"batch size must be >= 1, got {batch_size}")
@@ -62,7 +63,9 @@ class VisualPrompter:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         # A draft (a smaller model with the same codes) makes greedy answers no different, only
         # faster: speculative decoding (`Generator`). So does a compiled decoding step.
-        self.generator = Generator(model, decode_dtype, draft, draft_tokens, compile=compile)
+        self.generator = Generator(
+            model, decode_dtype, draft, draft_tokens, draft_threshold, compile=compile
+        )
         self.size = tokenizer.config.resolution
         self.image_tokens = tokenizer.grid_size**2
 
@@ -212,6 +215,7 @@ def load_prompter(
     draft: str | Path | None = None,
     draft_tokens: int = 4,
     compile: bool = False,
+    draft_threshold: float = 0.0,
 ) -> VisualPrompter:
     """A prompter for a checkpoint: a run folder (its latest checkpoint), a delvm checkpoint, or
     a Hugging Face folder such as a `delvm export-hf` export.
@@ -219,9 +223,10 @@ def load_prompter(
     ``tokenizer``: its folder; by default the one the checkpoint names (`checkpoint_tokenizer`).
     ``device`` and ``dtype`` as `delvm.devices` reads ``--device`` / ``--dtype``: ``auto`` runs in
     bf16 on a GPU, in fp32 on a CPU. ``draft``: a smaller model trained with the same tokenizer
-    (e.g. the distilled student) that drafts ``draft_tokens`` codes per step of the model; the
-    answers stay the model's own (speculative decoding). ``compile``: compile the decoding
-    steps (`Generator`; CUDA graphs on a GPU), the draft's too.
+    (e.g. the distilled student) that drafts up to ``draft_tokens`` codes per step of the model,
+    fewer where it gave a code less than ``draft_threshold`` probability; the answers stay the
+    model's own (speculative decoding). ``compile``: compile the decoding steps (`Generator`;
+    CUDA graphs on a GPU), the draft's too.
     """
     from delvm.model.checkpoint import (
         checkpoint_tokenizer,
@@ -261,6 +266,7 @@ def load_prompter(
         draft_model,
         draft_tokens,
         compile,
+        draft_threshold,
     )
 
 
@@ -271,7 +277,7 @@ def _prompter(args) -> VisualPrompter:
     batch_size = getattr(args, "batch_size", 1)  # next-frame continues one clip
     return load_prompter(
         args.checkpoint, args.tokenizer, args.device, args.dtype, batch_size, args.draft,
-        args.draft_tokens, args.compile,
+        args.draft_tokens, args.compile, args.draft_threshold,
     )  # fmt: skip
 
 
@@ -308,7 +314,10 @@ def _add_common(p) -> None:
                    help="a smaller model with the same tokenizer (e.g. the distilled student) "
                    "drafting codes for the model: faster, the same greedy answers")  # fmt: skip
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
-                   help="codes the draft proposes per step of the model (with --draft)")  # fmt: skip
+                   help="codes the draft proposes per step of the model, at most (with --draft)")  # fmt: skip
+    p.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
+                   help="stop drafting a step's codes after one the draft gave less than this "
+                   "probability (with --draft; 0: always draft K)")  # fmt: skip
     add_compile_argument(p)
 
 
