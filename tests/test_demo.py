@@ -137,6 +137,15 @@ def test_demo_runs_end_to_end_resumes_a_killed_stage_then_reuses_every_stage(
     assert (out / "results.md").read_text() == results
 
 
+@pytest.mark.parametrize("name", ["demo", "demo_full"])
+def test_the_demo_configs_train_fast_on_any_cpu(name):
+    """A CPU without bf16 matmul units (AMX, AVX512-BF16) emulates bf16 about ten times slower
+    than fp32 (benchmarks/precision_cpu.py): the demos leave the choice to "auto"."""
+    config = load_demo_config(name)
+    assert config.tokenizer["precision"] == "auto"
+    assert config.train["precision"] == "auto"
+
+
 def test_a_demo_folder_refuses_other_settings(tmp_path, capsys):
     out = tmp_path / "demo"
     out.mkdir()

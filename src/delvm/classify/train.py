@@ -132,7 +132,7 @@ class ClassifyConfig:
     batch: int = 64  # images per optimizer step, over all ranks
     seed: int = 0
     workers: int = 2  # image-loading processes per rank
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 where bf16 matmuls are native, else fp32) | fp32 | bf16
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     eval_every: int = 500

@@ -105,7 +105,7 @@ class TokenizerTrainConfig:
     log_every: int = 10
     seed: int = 0
     workers: int = 0  # image-decoding processes
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 where bf16 matmuls are native, else fp32) | fp32 | bf16
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

@@ -103,7 +103,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     parallel: str = "ddp"  # ddp | fsdp
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 where bf16 matmuls are native, else fp32) | fp32 | bf16
     compile: bool = False
     activation_checkpointing: bool = False
     checkpoint_every: int = 100
