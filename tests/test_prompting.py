@@ -131,6 +131,12 @@ def test_save_grid_layout(tmp_path):
     assert grid[0, 0, 0] == 0 and grid[0, 12, 0] == 200 and grid[12, 12, 0] == 255
 
 
+def same_but_rounding(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same image up to one level per pixel: the tokenizer decodes a batch of another size
+    with other float sums, which can round a pixel that lies at .5 the other way."""
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
+
+
 def test_batch_size_bounds_each_batch_and_keeps_greedy_outputs(parts):
     tokenizer, model = parts
     pairs = list(zip(images(1, 1), images(1, 2), strict=True))
@@ -146,13 +152,13 @@ def test_batch_size_bounds_each_batch_and_keeps_greedy_outputs(parts):
     chunked.generator = recording
     greedy = SamplingConfig(temperature=0)
     for a, b in zip(whole(pairs, queries, greedy), chunked(pairs, queries, greedy), strict=True):
-        assert np.array_equal(a, b)
+        assert same_but_rounding(a, b)
     assert rows_seen == [2, 2, 1]
     assert chunked.answer_nll(pairs, queries, answers) == pytest.approx(
         whole.answer_nll(pairs, queries, answers), rel=1e-5
     )
     for a, b in zip(whole.inpaint(queries, greedy), chunked.inpaint(queries, greedy), strict=True):
-        assert np.array_equal(a, b)
+        assert same_but_rounding(a, b)
     with pytest.raises(DelvmError, match="batch size must be >= 1"):
         VisualPrompter(model, tokenizer, batch_size=0)
 
