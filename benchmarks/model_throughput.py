@@ -4,7 +4,9 @@ Measures, side by side:
 - a training step (forward, backward, AdamW) in tokens/s and MFU against the matmul peak measured
   in this run;
 - generation of 256 new tokens after a 1792-token prompt (batch 1 and 8), decode tokens/s against
-  the memory-bandwidth bound (weight bytes / read bandwidth measured in this run).
+  the memory-bandwidth bound (weight bytes / read bandwidth measured in this run): delvm's
+  decoding step in the model's dtype, with bf16 weight copies, and with those compiled
+  (`Generator(compile=True)`).
 
     python benchmarks/model_throughput.py                  # CPU, fp32 (a few minutes on 2 cores)
     python benchmarks/model_throughput.py --device cuda    # GPU, bf16 weights, flash SDPA
@@ -164,6 +166,8 @@ def measure(args: argparse.Namespace) -> None:
         # Decode with bf16 weight copies (prefill stays in the model's dtype); on GPU the model
         # already runs in bf16, so both rows coincide there.
         fast = Generator(ours, decode_dtype=torch.bfloat16)
+        # The same, its decoding step compiled (inductor on a CPU, CUDA graphs on a GPU).
+        compiled = Generator(ours, decode_dtype=torch.bfloat16, compile=True)
         for batch in args.batches:
             prompt = torch.randint(0, 8192, (batch, args.prompt), device=device)
             mask = torch.ones_like(prompt)
@@ -179,8 +183,13 @@ def measure(args: argparse.Namespace) -> None:
                 (f"delvm {dtype_name}", lambda n, p=prompt: exact(p, n, greedy), bound),
                 ("delvm bf16 decode", lambda n, p=prompt: fast(p, n, greedy),
                  bound * gen_dtype.itemsize / 2),
+                ("delvm bf16 decode, compiled", lambda n, p=prompt: compiled(p, n, greedy),
+                 bound * gen_dtype.itemsize / 2),
                 ("transformers", hf_run, bound),
             )  # fmt: skip
+            # The compiled step is compiled for the cache of prompt + new codes on its first
+            # call: that call is left out of the timing.
+            compiled(prompt, args.new, greedy)
             for name, run, arm_bound in arms:
                 prefill = timed(lambda run=run: run(1), device, repeats=1)  # warms up too
                 total = once(lambda run=run: run(args.new), device)

@@ -243,6 +243,36 @@ def test_static_bf16_decoding_gives_the_dynamic_codes(model):
 
 
 @pytest.mark.slow
+def test_compiled_decoding_compiles_every_shape(monkeypatch):
+    """Each prompt length compiles its own graphs, past torch's default limit of 8 graphs per
+    function (beyond which dynamo runs new shapes eagerly): the draft's step and the model's
+    passes of 1 to 5 codes, for two prompt lengths."""
+    graphs = []
+
+    def counting_compile(model, dynamic, options):  # dynamo as used, without inductor's time
+        def backend(graph, inputs):
+            graphs.append(graph)
+            return graph.forward
+
+        return compile_(model, dynamic=dynamic, backend=backend)
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    torch._dynamo.reset()  # graphs other tests compiled count towards the limit too
+    torch.manual_seed(0)
+    model, draft = VisualLM(preset("tiny")).eval(), VisualLM(preset("tiny")).eval()
+    generator = Generator(model, draft=draft, draft_tokens=4, compile=True)
+    compiled = []
+    for length in (12, 16):
+        before = len(graphs)
+        generator(torch.randint(0, 512, (1, length)), 12, SamplingConfig(temperature=0))
+        compiled.append(len(graphs) - before)
+    # An unrelated draft keeps almost nothing: every pass reads the newest code and 4 drafts
+    # (1 to 4 near the end), and the draft reads one code per step.
+    assert compiled == [6, 6], compiled
+
+
+@pytest.mark.slow
 def test_compiled_decoding_gives_the_eager_codes():
     """The compiled step (inductor on a CPU) continues as the eager static step does."""
     torch.manual_seed(0)

@@ -34,6 +34,12 @@ from torch import Tensor
 from delvm.errors import DelvmError
 from delvm.model.transformer import KVCache, VisualLM
 
+# Graphs torch.compile may keep for a model's decoding step. Each shape is a graph of its own
+# (dynamic=False): every batch, prompt length and pass length, and the draft's steps count
+# with the model's (they share `VisualLM.forward`). Past torch's default of 8, new shapes
+# would run eagerly without a word, e.g. a second prompt length with a draft of 4 codes.
+COMPILED_GRAPHS = 64
+
 
 @dataclass
 class SamplingConfig:
@@ -204,9 +210,9 @@ class Generator:
     replays as one graph instead of launching every kernel from Python; elsewhere by inductor.
     The codes are the dynamic path's (sums over other shapes or in fused kernels may round
     otherwise, so a near-tie could differ). The first call with new shapes (batch, prompt
-    length, shared prefix) compiles or records anew; later calls with the same shapes reuse the
-    step and the caches, which stay allocated between calls (a CUDA graph reads and writes the
-    addresses it recorded). With a draft, the draft's step reads one code at a time and the
+    length, codes to generate, shared prefix) compiles or records anew; later calls with the
+    same shapes reuse the step and the caches, which stay allocated between calls (a CUDA graph
+    reads and writes the addresses it recorded). With a draft, the draft's step reads one code at a time and the
     model's pass reads the drafted codes and the newest one: both are static (and compiled,
     once per number of codes a pass reads) steps.
     """
@@ -252,6 +258,8 @@ class Generator:
         # kernels round (not keeping fused intermediates in fp32) keeps the eager codes.
         # One graph per shape, no dynamic shapes: a pass reads 1 to draft_tokens + 1 codes.
         options = {"triton.cudagraphs": self.cuda_graphs, "emulate_precision_casts": True}
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, COMPILED_GRAPHS)
         return torch.compile(decoder, dynamic=False, options=options)
 
     def _run_step(
@@ -416,7 +424,9 @@ class Generator:
         if not self.static:
             return self.draft_decoder(ids, cache=cache, start=start)[:, -1, :codes]
         for j in range(ids.shape[1]):
-            logits = self._run_step(self.draft_step, ids[:, j : j + 1], cache, positions[start + j])
+            # Codes read from `out` come strided: a compiled step would compile again for them.
+            code = ids[:, j : j + 1].clone(memory_format=torch.contiguous_format)
+            logits = self._run_step(self.draft_step, code, cache, positions[start + j])
         return logits[:, -1, :codes]
 
 
