@@ -265,14 +265,19 @@ def measure_drafts(args: argparse.Namespace, demo, drafters: dict[str, Path]) ->
     from delvm.model.checkpoint import load_model
     from delvm.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(demo.tokenizer_folder)
-    teacher = load_model(demo.checkpoint, "cpu").eval()
-    drafts = {name: load_model(path, "cpu").eval() for name, path in drafters.items()}
+    device = torch.device(args.device)
+    tokenizer = load_tokenizer(demo.tokenizer_folder, device)
+    teacher = load_model(demo.checkpoint, device).eval()
+    drafts = {name: load_model(path, device).eval() for name, path in drafters.items()}
+    decode_dtype = torch.bfloat16 if args.decode_dtype == "bf16" else None
+    if device.type == "cuda":  # bf16 weights and caches, as load_prompter's `auto`
+        for model in (teacher, *drafts.values()):
+            model.to(torch.bfloat16)
+        decode_dtype = None
     prompter = VisualPrompter(teacher, tokenizer)
     prompts = held_out_prompts(prompter, ToyWorldConfig(**demo.config.world), args.per_task)
     new = prompter.image_tokens
 
-    decode_dtype = torch.bfloat16 if args.decode_dtype == "bf16" else None
     # (compiled, drafting model, draft length, threshold): ("", 0, 0) is the teacher alone.
     drafting = [(n, k, t) for n in drafts for k in args.draft_tokens for t in args.thresholds]
     arms = {
@@ -282,7 +287,11 @@ def measure_drafts(args: argparse.Namespace, demo, drafters: dict[str, Path]) ->
         for compiled in ([False, True] if args.compile else [False])
         for name, k, threshold in [("", 0, 0.0), *drafting]
     }
-    answer = lambda g, codes: torch.cat([g(p[None], codes, GREEDY) for p in prompts])  # noqa: E731
+
+    def answer(generator: Generator, codes: int) -> torch.Tensor:
+        return synced(lambda: torch.cat([generator(p[None], codes, GREEDY) for p in prompts]),
+                      device)()  # fmt: skip
+
     for generator in arms.values():  # warm-up: compiles every shape the answers take
         answer(generator, new)
     # Every arm once per round, best of the rounds: the machine's load drifts between arms. The
@@ -300,10 +309,11 @@ def measure_drafts(args: argparse.Namespace, demo, drafters: dict[str, Path]) ->
     alone = False, "", 0, 0.0
     reference = outputs[alone]
     sizes = ", ".join(f"{name} {millions(model)}" for name, model in drafts.items())
+    precision = "bf16" if device.type == "cuda" else f"{args.decode_dtype} decode"
     print(
         f"teacher {millions(teacher)} parameters, {sizes}; {len(prompts)} held-out queries, {new} "
-        f"codes each, greedy, batch 1, {args.decode_dtype} decode, best of {args.repeats} "
-        f"rounds; {machine(torch.device('cpu'))}\n"
+        f"codes each, greedy, batch 1, {precision}, best of {args.repeats} rounds; "
+        f"{machine(device)}\n"
     )
     for name, model in drafts.items():
         print(f"- the {name}'s first choice is the teacher's code at "
@@ -499,6 +509,9 @@ def main() -> None:
                    help="bf16: load_prompter's CPU default (weight copies for decoding)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="the same arms again with compiled decoding steps")  # fmt: skip
+    p.add_argument("--device", default="cpu",
+                   help="where the pair answers (cuda: bf16 weights and caches); training "
+                        "runs on a GPU when there is one")  # fmt: skip
     p.add_argument("--results", metavar="DIR",
                    help="also write the table to DIR/results.md (for `delvm results`)")  # fmt: skip
     p.set_defaults(func=draft_benchmark)
