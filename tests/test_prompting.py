@@ -177,7 +177,7 @@ def test_seeded_sampling_draws_each_batch_from_its_own_stream(parts):
     assert np.array_equal(alone, first)  # as before batching: one batch draws with the seed
 
 
-def test_compile_flag_reaches_every_generating_verb(parts, tmp_path, monkeypatch):
+def test_compile_flag_reaches_every_generating_verb(parts, tmp_path, monkeypatch, capsys):
     from delvm.cli import build_parser
 
     parser = build_parser()
@@ -208,3 +208,7 @@ def test_compile_flag_reaches_every_generating_verb(parts, tmp_path, monkeypatch
     assert main([*args, "--compile", *draft]) == 0
     assert made == [(True, 3, 0.5, True)]
     assert (tmp_path / "out" / "q_inpainted.png").is_file()
+    # Drafting settings without a draft model name the missing flag.
+    assert main([*args, "--draft-threshold", "0.5"]) == 2
+    assert "--draft-threshold set how a draft model drafts: pass --draft" in capsys.readouterr().err
+    assert len(made) == 1

@@ -275,9 +275,14 @@ def load_prompter(
 
 def _prompter(args) -> VisualPrompter:
     batch_size = getattr(args, "batch_size", 1)  # next-frame continues one clip
+    drafting = {"--draft-tokens": args.draft_tokens, "--draft-threshold": args.draft_threshold}
+    given = [flag for flag, value in drafting.items() if value is not None]
+    if args.draft is None and given:
+        raise DelvmError(f"{' and '.join(given)} set how a draft model drafts: pass --draft CKPT")
     return load_prompter(
         args.checkpoint, args.tokenizer, args.device, args.dtype, batch_size, args.draft,
-        args.draft_tokens, args.compile, args.draft_threshold,
+        4 if args.draft_tokens is None else args.draft_tokens, args.compile,
+        args.draft_threshold or 0.0,
     )  # fmt: skip
 
 
@@ -313,9 +318,10 @@ def _add_common(p) -> None:
     p.add_argument("--draft", type=Path, default=None, metavar="CKPT",
                    help="a smaller model with the same tokenizer (e.g. the distilled student) "
                    "drafting codes for the model: faster, the same greedy answers")  # fmt: skip
-    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
-                   help="codes the draft proposes per step of the model, at most (with --draft)")  # fmt: skip
-    p.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="codes the draft proposes per step of the model, at most (with --draft; "
+                   "default 4)")  # fmt: skip
+    p.add_argument("--draft-threshold", type=float, default=None, metavar="P",
                    help="stop drafting a step's codes after one the draft gave less than this "
                    "probability (with --draft; 0: always draft K)")  # fmt: skip
     add_compile_argument(p)
