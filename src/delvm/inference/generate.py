@@ -212,9 +212,9 @@ class Generator:
     otherwise, so a near-tie could differ). The first call with new shapes (batch, prompt
     length, codes to generate, shared prefix) compiles or records anew; later calls with the
     same shapes reuse the step and the caches, which stay allocated between calls (a CUDA graph
-    reads and writes the addresses it recorded). With a draft, the draft's step reads one code at a time and the
-    model's pass reads the drafted codes and the newest one: both are static (and compiled,
-    once per number of codes a pass reads) steps.
+    reads and writes the addresses it recorded). With a draft, the draft's step reads one code
+    at a time and the model's pass reads the drafted codes and the newest one: both are static
+    (and compiled, once per number of codes a pass reads) steps.
     """
 
     def __init__(
