@@ -275,14 +275,15 @@ def load_prompter(
 
 def _prompter(args) -> VisualPrompter:
     batch_size = getattr(args, "batch_size", 1)  # next-frame continues one clip
-    drafting = {"--draft-tokens": args.draft_tokens, "--draft-threshold": args.draft_threshold}
-    given = [flag for flag, value in drafting.items() if value is not None]
-    if args.draft is None and given:
-        raise DelvmError(f"{' and '.join(given)} set how a draft model drafts: pass --draft CKPT")
+    # The drafting flags given (their defaults are load_prompter's), which need a draft model.
+    drafting = {"draft_tokens": args.draft_tokens, "draft_threshold": args.draft_threshold}
+    drafting = {name: value for name, value in drafting.items() if value is not None}
+    if args.draft is None and drafting:
+        flags = " and ".join("--" + name.replace("_", "-") for name in drafting)
+        raise DelvmError(f"{flags} set how a draft model drafts: pass --draft CKPT")
     return load_prompter(
         args.checkpoint, args.tokenizer, args.device, args.dtype, batch_size, args.draft,
-        4 if args.draft_tokens is None else args.draft_tokens, args.compile,
-        args.draft_threshold or 0.0,
+        compile=args.compile, **drafting,
     )  # fmt: skip
 
 
