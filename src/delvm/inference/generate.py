@@ -214,7 +214,8 @@ class Generator:
     same shapes reuse the step and the caches, which stay allocated between calls (a CUDA graph
     reads and writes the addresses it recorded). With a draft, the draft's step reads one code
     at a time and the model's pass reads the drafted codes and the newest one: both are static
-    (and compiled, once per number of codes a pass reads) steps.
+    (and compiled, once per number of codes a pass reads) steps. Compiling raises torch's
+    process-wide limit of graphs per function to `COMPILED_GRAPHS`.
     """
 
     def __init__(
