@@ -1,5 +1,7 @@
 """`--device auto`, `--dtype auto` and `precision = "auto"` decide as a GPU or CPU user expects."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,6 +30,7 @@ def test_training_precision_auto_is_bf16_only_with_native_bf16_units(flags, nati
     assert trains_in_bf16("bf16", CPU, flags) and not trains_in_bf16("fp32", CPU, flags)
 
 
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo (not Linux)")
 def test_this_cpus_flags_come_from_proc_cpuinfo():
     flags = devices.cpu_flags()
     with open("/proc/cpuinfo") as f:
