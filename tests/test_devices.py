@@ -89,3 +89,15 @@ def test_every_verb_defaults_to_device_auto_and_dtype_auto():
     for argv in VERBS_WITH_DTYPE:
         assert parser.parse_args(argv).dtype == "auto", argv
         assert parser.parse_args([*argv, "--dtype", "bf16"]).dtype == "bf16", argv
+
+
+def test_dtype_int8_is_a_choice_of_the_verbs_that_generate_only():
+    parser = build_parser()
+    generating = [
+        v for v in VERBS_WITH_DTYPE if v[0] in ("prompt", "inpaint", "next-frame", "serve")
+    ]
+    for argv in [*generating, ["eval-pascal5i", "ckpt", "--voc", "voc"]]:
+        assert parser.parse_args([*argv, "--dtype", "int8"]).dtype == "int8", argv
+    for argv in (["eval", "ckpt"], ["tokenizer", "encode", "src", "out", "--tokenizer", "tok"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--dtype", "int8"])

@@ -289,6 +289,10 @@ def test_compiled_decoding_gives_the_eager_codes():
     eager = Generator(model, torch.bfloat16, static=True)
     prompt = _shared_context_prompt(512, 3)
     assert torch.equal(compiled(prompt, 150), eager(prompt, 150))
+    # int8 decoding: the compiled step calls the same int8 kernel (`delvm.inference.quantize`).
+    compiled = Generator(model, torch.int8, compile=True)
+    eager = Generator(model, torch.int8, static=True)
+    assert torch.equal(compiled(prompt, 150), eager(prompt, 150))
     # Speculative decoding compiles both of its steps: the draft's one-code step and the
     # model's pass over the k + 1 drafted codes.
     draft = copy.deepcopy(model)

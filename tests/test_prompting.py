@@ -212,3 +212,22 @@ def test_compile_flag_reaches_every_generating_verb(parts, tmp_path, monkeypatch
     assert main([*args, "--draft-threshold", "0.5"]) == 2
     assert "--draft-threshold set how a draft model drafts: pass --draft" in capsys.readouterr().err
     assert len(made) == 1
+
+
+def test_dtype_int8_prefills_in_fp32_and_decodes_with_int8_copies(parts, tmp_path, monkeypatch):
+    from delvm.inference import prompting
+    from delvm.inference.quantize import Int8Linear
+
+    tokenizer, model = parts
+    tokenizer.save_pretrained(tmp_path / "tok")
+    save_model(model, tmp_path / "ckpt", tokenizer_fingerprint=tokenizer.fingerprint())
+    prompter = prompting.load_prompter(tmp_path / "ckpt", tmp_path / "tok", "cpu", "int8")
+    assert prompter.model.head.weight.dtype == torch.float32  # the prefill's weights
+    assert isinstance(prompter.generator.decoder.head, Int8Linear)
+    pairs = list(zip(images(1, 1), images(1, 2), strict=True))
+    (answer,) = prompter(pairs, images(1, 3))
+    assert answer.shape == (32, 32, 3) and answer.dtype == np.uint8
+    # On a GPU it names the dtype that works there.
+    monkeypatch.setattr(prompting, "resolve_device", lambda name: torch.device("cuda"))
+    with pytest.raises(DelvmError, match="--dtype int8 decodes on CPUs, not on cuda.*auto"):
+        prompting.load_prompter(tmp_path / "ckpt", tmp_path / "tok", "cuda", "int8")

@@ -288,3 +288,14 @@ def test_static_speculation_gives_the_dynamic_codes(target, draft_name, threshol
             for sampling in (GREEDY, SamplingConfig(temperature=1.0, seed=3)):
                 assert torch.equal(static(prompt, 29, sampling), dynamic(prompt, 29, sampling))
     assert static.stats == dynamic.stats
+
+
+@pytest.mark.parametrize("draft_tokens", [3, 8])
+def test_int8_decoding_with_a_draft_gives_its_own_greedy_codes(target, draft_tokens):
+    """A pass over several codes and a step over one read the int8 weights alike."""
+    prompt = torch.randint(0, target.config.vocab_size, (2, 30))
+    alone = Generator(target, decode_dtype=torch.int8)(prompt, 41, GREEDY)
+    draft = drafts(target)["noisy"]
+    drafting = Generator(target, torch.int8, draft=draft, draft_tokens=draft_tokens)
+    assert torch.equal(drafting(prompt, 41, GREEDY), alone)
+    assert 0.0 < drafting.stats.acceptance < 1.0

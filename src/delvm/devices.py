@@ -19,6 +19,8 @@ from delvm.errors import DelvmError
 
 DEVICE_HELP = "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ..."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The verbs that generate also decode with int8 weights on a CPU (`delvm.inference.quantize`).
+GENERATING_DTYPES = ("auto", *DTYPES, "int8")
 # /proc/cpuinfo flags of the CPU units that run bf16 matmuls natively (Intel AMX tiles since
 # Sapphire Rapids; AVX512-BF16 on Cooper Lake, AMD Zen 4 and later). Without them bf16 is emulated.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -100,9 +102,7 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 def add_dtype_argument(
     parser: argparse.ArgumentParser, choices: Iterable[str] = ("auto", *DTYPES)
 ) -> None:
-    parser.add_argument(
-        "--dtype",
-        choices=list(choices),
-        default="auto",
-        help="number format of the weights and activations; auto: bf16 on a GPU, fp32 on a CPU",
-    )
+    help = "number format of the weights and activations; auto: bf16 on a GPU, fp32 on a CPU"
+    if "int8" in choices:
+        help += " (decoding with bf16 copies); int8: CPU only, fp32 prefill, int8 weight decoding"
+    parser.add_argument("--dtype", choices=list(choices), default="auto", help=help)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from delvm.data.augment import resize_example
 from delvm.data.example import Example, Skipped
 from delvm.data.sources.pascal import iter_pascal5i
-from delvm.devices import add_device_argument, add_dtype_argument
+from delvm.devices import GENERATING_DTYPES, add_device_argument, add_dtype_argument
 from delvm.errors import DelvmError
 from delvm.evaluation.scores import FOREGROUND_THRESHOLD
 from delvm.evaluation.task_scores import Predict, foreground_miou
@@ -192,6 +192,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the support draws")
     p.add_argument("--out", type=Path, default=None, help="write pascal5i.json and pascal5i.md")
     add_device_argument(p)
-    add_dtype_argument(p)
+    add_dtype_argument(p, GENERATING_DTYPES)
     add_compile_argument(p)
     p.set_defaults(func=_run)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from delvm.errors import DelvmError
+from delvm.inference.quantize import int8_copy
 from delvm.model.transformer import KVCache, VisualLM
 
 # Graphs torch.compile may keep for a model's decoding step. Each shape is a graph of its own
@@ -169,6 +170,8 @@ def prefill(
 
 
 def _decode_copy(model: VisualLM, dtype: torch.dtype | None) -> VisualLM:
+    if dtype == torch.int8:
+        return int8_copy(model)
     if dtype is None or dtype == model.head.weight.dtype:
         return model
     return copy.deepcopy(model).to(dtype)
@@ -193,8 +196,11 @@ class Generator:
     Decoding one token at a time is bound by reading every weight once per step, so on CPU a bf16
     copy of the weights (``decode_dtype=torch.bfloat16``) decodes faster. The prompt is still
     prefilled by the model as given (large fp32 matmuls are much faster than bf16 ones on CPUs
-    without bf16 units), and the KV cache stays in the model's dtype. With ``decode_dtype=None``
-    every step runs in the model's own precision (what the parity tests check).
+    without bf16 units), and the KV cache stays in the model's dtype. ``decode_dtype=torch.int8``
+    decodes with int8 weights and bf16 activations instead (`delvm.inference.quantize`; CPU
+    only): faster again, but the answers are those of slightly changed weights. With
+    ``decode_dtype=None`` every step runs in the model's own precision (what the parity tests
+    check).
 
     With a ``draft`` model (same codes, e.g. the distilled student), it drafts up to
     ``draft_tokens`` codes per pass of the model (speculative decoding); ``stats`` counts how

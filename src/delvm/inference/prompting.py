@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from delvm.data.images import load_square
-from delvm.devices import add_device_argument, add_dtype_argument, inference_dtype, resolve_device
+from delvm.devices import (
+    GENERATING_DTYPES,
+    add_device_argument,
+    add_dtype_argument,
+    inference_dtype,
+    resolve_device,
+)
 from delvm.errors import DelvmError
 from delvm.inference.generate import Generator, SamplingConfig, prefill
 from delvm.model.transformer import VisualLM
@@ -222,7 +228,9 @@ def load_prompter(
 
     ``tokenizer``: its folder; by default the one the checkpoint names (`checkpoint_tokenizer`).
     ``device`` and ``dtype`` as `delvm.devices` reads ``--device`` / ``--dtype``: ``auto`` runs in
-    bf16 on a GPU, in fp32 on a CPU. ``draft``: a smaller model trained with the same tokenizer
+    bf16 on a GPU, in fp32 on a CPU with bf16 copies of the weights decoding; ``int8`` (CPU only)
+    decodes with int8 copies instead, faster, answering as slightly changed weights would
+    (`delvm.inference.quantize`). ``draft``: a smaller model trained with the same tokenizer
     (e.g. the distilled student) that drafts up to ``draft_tokens`` codes per step of the model,
     fewer where it gave a code less than ``draft_threshold`` probability; the answers stay the
     model's own (speculative decoding). ``compile``: compile the decoding steps (`Generator`;
@@ -242,10 +250,15 @@ def load_prompter(
         raise DelvmError(
             f"{folder}: no tokenizer found beside it or in its run's config; pass --tokenizer DIR"
         )
-    model = load_model(folder, device).to(inference_dtype(dtype, device)).eval()
     # On a CPU, decoding reads every weight once per token: `auto` keeps fp32 weights for the
-    # prefill and decodes with bf16 copies of them (half the bytes; see `Generator`).
+    # prefill and decodes with bf16 copies of them (half the bytes; see `Generator`), `int8`
+    # with int8 copies (`delvm.inference.quantize`).
     decode_dtype = torch.bfloat16 if dtype == "auto" and device.type == "cpu" else None
+    if dtype == "int8":
+        if device.type != "cpu":
+            raise DelvmError(f"--dtype int8 decodes on CPUs, not on {device}: use --dtype auto")
+        dtype, decode_dtype = "fp32", torch.int8
+    model = load_model(folder, device).to(inference_dtype(dtype, device)).eval()
     tokenizer = load_tokenizer(tokenizer, device)
     draft_model = None
     if draft is not None:
@@ -298,7 +311,7 @@ def add_checkpoint_arguments(p) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="the tokenizer folder (default: the one the checkpoint names)")  # fmt: skip
     add_device_argument(p)
-    add_dtype_argument(p)
+    add_dtype_argument(p, GENERATING_DTYPES)
 
 
 def add_compile_argument(p) -> None:
