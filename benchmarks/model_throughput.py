@@ -6,7 +6,8 @@ Measures, side by side:
 - generation of 256 new tokens after a 1792-token prompt (batch 1 and 8), decode tokens/s against
   the memory-bandwidth bound (weight bytes / read bandwidth measured in this run): delvm's
   decoding step in the model's dtype, with bf16 weight copies, and with those compiled
-  (`Generator(compile=True)`).
+  (`Generator(compile=True)`); on a CPU also with int8 weight copies (`--dtype int8`: rounded
+  weights, not the same ones), eager and compiled.
 
     python benchmarks/model_throughput.py                  # CPU, fp32 (a few minutes on 2 cores)
     python benchmarks/model_throughput.py --device cuda    # GPU, bf16 weights, flash SDPA
@@ -168,6 +169,14 @@ def measure(args: argparse.Namespace) -> None:
         fast = Generator(ours, decode_dtype=torch.bfloat16)
         # The same, its decoding step compiled (inductor on a CPU, CUDA graphs on a GPU).
         compiled = Generator(ours, decode_dtype=torch.bfloat16, compile=True)
+        # On a CPU: int8 weight copies (`--dtype int8`), eager and compiled. These decode with
+        # rounded weights, not the same ones: the greedy codes may differ from the others'.
+        int8 = {}
+        if device.type == "cpu":
+            int8 = {
+                "delvm int8 decode": Generator(ours, decode_dtype=torch.int8),
+                "delvm int8 decode, compiled": Generator(ours, torch.int8, compile=True),
+            }
         for batch in args.batches:
             prompt = torch.randint(0, 8192, (batch, args.prompt), device=device)
             mask = torch.ones_like(prompt)
@@ -185,11 +194,15 @@ def measure(args: argparse.Namespace) -> None:
                  bound * gen_dtype.itemsize / 2),
                 ("delvm bf16 decode, compiled", lambda n, p=prompt: compiled(p, n, greedy),
                  bound * gen_dtype.itemsize / 2),
+                *((name, lambda n, p=prompt, g=g: g(p, n, greedy), bound * gen_dtype.itemsize)
+                  for name, g in int8.items()),
                 ("transformers", hf_run, bound),
             )  # fmt: skip
-            # The compiled step is compiled for the cache of prompt + new codes on its first
+            # A compiled step is compiled for the cache of prompt + new codes on its first
             # call: that call is left out of the timing.
-            compiled(prompt, args.new, greedy)
+            for generator in (compiled, *int8.values()):
+                if generator.compile:
+                    generator(prompt, args.new, greedy)
             for name, run, arm_bound in arms:
                 prefill = timed(lambda run=run: run(1), device, repeats=1)  # warms up too
                 total = once(lambda run=run: run(args.new), device)
