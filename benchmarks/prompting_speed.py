@@ -4,6 +4,7 @@
     python benchmarks/prompting_speed.py draft --work DIR     # speculative decoding
     python benchmarks/prompting_speed.py pascal --device cuda # a 1,000-query Pascal-5i shape
     python benchmarks/prompting_speed.py compile              # the compiled decoding step
+    python benchmarks/prompting_speed.py precision --run DIR  # decoding copies vs task scores
 
 ``prefix``: a task evaluation, 24 queries under the same 3 example pairs (256-token images, a
 small untrained model and tokenizer: speed does not depend on the weights), answered three ways:
@@ -35,6 +36,11 @@ GPU). Decode tokens/s leave the prefill out (the time of 256 codes minus the tim
 first call of the compiled step, which compiles, is timed apart. Every arm's codes are compared
 with the eager step's, and each row's first differing code classified as in ``draft`` (inductor
 rounds bf16 otherwise than eager kernels: it keeps fused intermediates in fp32).
+
+``precision``: a trained demo run (``--run``: a `delvm demo` output folder) answers its held-out
+task queries, as its scores stage does, decoding in fp32, with the bf16 weight copies
+(`load_prompter`'s CPU ``auto``) and with int8 weight copies (``--dtype int8``, rounded weights):
+the wall time of each, its task scores, and how many of its codes and answers are fp32's.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ from delvm.inference.prompting import VisualPrompter
 from delvm.model.transformer import VisualLM, preset
 
 GREEDY = SamplingConfig(temperature=0)
+# --decode-dtype on a CPU: the weight copies decoding reads (fp32: the model's own weights).
+DECODE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8, "fp32": None}
 
 
 def table(header: tuple[str, ...], rows: list[tuple]) -> None:
@@ -269,7 +277,7 @@ def measure_drafts(args: argparse.Namespace, demo, drafters: dict[str, Path]) ->
     tokenizer = load_tokenizer(demo.tokenizer_folder, device)
     teacher = load_model(demo.checkpoint, device).eval()
     drafts = {name: load_model(path, device).eval() for name, path in drafters.items()}
-    decode_dtype = torch.bfloat16 if args.decode_dtype == "bf16" else None
+    decode_dtype = DECODE_DTYPES[args.decode_dtype]
     if device.type == "cuda":  # bf16 weights and caches, as load_prompter's `auto`
         for model in (teacher, *drafts.values()):
             model.to(torch.bfloat16)
@@ -377,7 +385,7 @@ def compile_benchmark(args: argparse.Namespace) -> None:
         num_layers=args.layers, max_seq_len=4 * new,
     )  # fmt: skip
     model = VisualLM(config).eval()
-    decode_dtype = torch.bfloat16 if args.decode_dtype == "bf16" else None
+    decode_dtype = DECODE_DTYPES[args.decode_dtype]
     if device.type == "cuda":  # bf16 weights and cache, as load_prompter's `auto`
         model.to(device, torch.bfloat16)
         decode_dtype = None
@@ -476,6 +484,54 @@ def pascal_benchmark(args: argparse.Namespace) -> None:
     table(("queries per support pair", "wall time", "queries/s"), rows)
 
 
+# ---- decoding precision against task scores ----------------------------------------------------
+
+
+def precision_benchmark(args: argparse.Namespace) -> None:
+    title = "Decoding precision and task scores: `benchmarks/prompting_speed.py precision`"
+    with results_file(args.results, title):
+        measure_precision(args.run)
+
+
+def measure_precision(run: Path) -> None:
+    from delvm.demo.pipeline import Demo, DemoConfig, ScoreSection, context_shots
+    from delvm.fileio import read_json
+    from delvm.inference.prompting import load_prompter
+
+    saved = read_json(run / "demo_config.json")
+    demo = Demo(DemoConfig(**{**saved, "out": str(run), "scores": ScoreSection(**saved["scores"])}))
+    examples = demo.task_examples()
+    arms = {"fp32": "fp32", "bf16 copies (CPU auto)": "auto", "int8 copies (--dtype int8)": "int8"}
+    seconds, scores, codes = {}, {}, {}
+    for name, dtype in arms.items():
+        prompter = load_prompter(demo.checkpoint, demo.tokenizer_folder, "cpu", dtype)
+        recording = Recording(prompter.generator)
+        prompter.generator = recording
+        seconds[name], scores[name] = wall(
+            lambda p=prompter: demo.score_tasks(p, examples, context_shots(p))
+        )
+        codes[name] = torch.cat(recording.codes)
+    model = prompter.model
+    queries = sum(len(pool) for pool in examples.values())
+    print(f"{run}: {millions(model)} parameters, {queries} held-out queries of "
+          f"{codes['fp32'].shape[1]} codes, greedy, batch 16; {machine(torch.device('cpu'))}\n")  # fmt: skip
+    rows = []
+    for name in arms:
+        same = codes[name] == codes["fp32"]
+        score = scores[name]
+        rows.append(
+            (name, f"{seconds[name]:.1f}", f"{seconds['fp32'] / seconds[name]:.2f}x",
+             f"{score['segmentation']['miou']:.3f}", f"{score['pose']['pck@0.2']:.3f}",
+             f"{score['derain']['psnr']:.2f}", f"{same.float().mean():.1%}",
+             f"{int(same.all(1).sum())} / {len(same)}")
+        )  # fmt: skip
+    table(
+        ("decoding", "seconds", "vs fp32", "segmentation mIoU", "pose PCK@0.2", "derain PSNR",
+         "codes as fp32's", "answers as fp32's"),
+        rows,
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -505,8 +561,9 @@ def main() -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0],
                    help="draft thresholds (Generator's draft_threshold; 0: always k codes)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="rounds; each arm's best is shown")
-    p.add_argument("--decode-dtype", choices=["bf16", "fp32"], default="bf16",
-                   help="bf16: load_prompter's CPU default (weight copies for decoding)")  # fmt: skip
+    p.add_argument("--decode-dtype", choices=list(DECODE_DTYPES), default="bf16",
+                   help="bf16: load_prompter's CPU default (weight copies for decoding); int8: "
+                   "its --dtype int8")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="the same arms again with compiled decoding steps")  # fmt: skip
     p.add_argument("--device", default="cpu",
@@ -521,10 +578,15 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="rounds; each arm's best is shown")
-    p.add_argument("--decode-dtype", choices=["bf16", "fp32"], default="bf16",
+    p.add_argument("--decode-dtype", choices=list(DECODE_DTYPES), default="bf16",
                    help="on a CPU; bf16: load_prompter's CPU default (weight copies for decoding)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=compile_benchmark)
+    p = sub.add_parser("precision", help="a trained demo's task scores by decoding precision")
+    p.add_argument("--run", type=Path, required=True, help="a `delvm demo` output folder")
+    p.add_argument("--results", metavar="DIR",
+                   help="also write the table to DIR/results.md (for `delvm results`)")  # fmt: skip
+    p.set_defaults(func=precision_benchmark)
     args = parser.parse_args()
     args.func(args)
 

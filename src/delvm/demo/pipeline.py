@@ -98,6 +98,12 @@ def load_demo_config(path: str | Path, overrides: list[str] = ()) -> DemoConfig:
     return config
 
 
+def context_shots(prompter) -> int:
+    """As many example pairs as a prompter's model holds next to the query."""
+    per_example = 2 * prompter.image_tokens
+    return max(1, prompter.model.config.max_seq_len // per_example - 1)
+
+
 class Demo:
     """Runs the stages in order; ``self.timings`` records what each took (or that it was reused)."""
 
@@ -222,28 +228,51 @@ class Demo:
         result_file = self.out / "scores.json"
         self._stage("scores", result_file.exists, lambda: write_json(result_file, self.measure()))
 
+    def held_out_world(self):
+        """The toy world the scores are measured on: the demo's, with another seed and no
+        mixed scenes."""
+        from delvm.data.toyworld import ToyWorldConfig
+
+        world = ToyWorldConfig(**self.config.world)
+        return replace(world, seed=world.seed + self.config.scores.seed_offset, mixed=0.0)
+
+    def task_examples(self) -> dict[str, list]:
+        """``scores.queries`` held-out examples of each task."""
+        from delvm.data.toyworld import TASKS, toyworld_example
+
+        held_out, queries = self.held_out_world(), self.config.scores.queries
+        return {
+            task: [toyworld_example(held_out, task, i) for i in range(queries)] for task in TASKS
+        }
+
+    def score_tasks(self, predict: Callable, examples: dict[str, list], shots: int) -> dict:
+        """Segmentation, pose and deraining scores of ``predict(pairs, queries) -> outputs``."""
+        from delvm.evaluation.task_scores import derain_scores, foreground_miou, pose_scores
+
+        s = self.config.scores
+        seg, pose, derain = (examples[t] for t in ("segmentation", "pose", "derain"))
+        group = s.queries_per_prompt
+        return {
+            "segmentation": foreground_miou(
+                predict, seg, shots, s.threshold, queries_per_prompt=group
+            ),
+            "pose": pose_scores(predict, pose, shots, queries_per_prompt=group),
+            "derain": derain_scores(predict, derain, shots, queries_per_prompt=group),
+        }
+
     def measure(self) -> dict:
         """Validation metrics, task scores vs baselines, task recognition, sample grids."""
-        from delvm.data.toyworld import TASKS, ToyWorldConfig, recognition_set, toyworld_example
+        from delvm.data.toyworld import TASKS, recognition_set
         from delvm.evaluation.evaluate import evaluate
-        from delvm.evaluation.task_scores import (
-            derain_scores,
-            foreground_miou,
-            pose_scores,
-            prompt_dependence,
-            task_recognition,
-        )
+        from delvm.evaluation.task_scores import prompt_dependence, task_recognition
         from delvm.inference.prompting import load_prompter, save_grid
         from delvm.train.cli import open_sentences
 
         s = self.config.scores
         prompter = load_prompter(self.checkpoint, self.tokenizer_folder, compile=s.compile)
         validation = evaluate(prompter.model, open_sentences(self.train_config()))
-        world = ToyWorldConfig(**self.config.world)
-        held_out = replace(world, seed=world.seed + s.seed_offset, mixed=0.0)
-        # As many example pairs as the context holds next to the query.
-        per_example = 2 * prompter.image_tokens
-        shots = max(1, prompter.model.config.max_seq_len // per_example - 1)
+        held_out = self.held_out_world()
+        shots = context_shots(prompter)
         group = s.queries_per_prompt
 
         # Every generated image: the task queries, each recognition scene under every task's
@@ -255,19 +284,7 @@ class Demo:
             bar.update(len(queries))
             return prompter(pairs, queries)
 
-        examples = {
-            task: [toyworld_example(held_out, task, i) for i in range(s.queries)] for task in TASKS
-        }
-
-        def task_scores(predict_fn) -> dict:
-            seg, pose, derain = (examples[t] for t in ("segmentation", "pose", "derain"))
-            return {
-                "segmentation": foreground_miou(
-                    predict_fn, seg, shots, s.threshold, queries_per_prompt=group
-                ),
-                "pose": pose_scores(predict_fn, pose, shots, queries_per_prompt=group),
-                "derain": derain_scores(predict_fn, derain, shots, queries_per_prompt=group),
-            }
+        examples = self.task_examples()
 
         # The tokenizer's ceiling: each query answered with its own truth through the tokenizer,
         # the scores an LVM predicting every code right would reach.
@@ -280,8 +297,8 @@ class Demo:
         result = {
             "validation": validation,
             "shots": shots,
-            **task_scores(predict),
-            "ceiling": task_scores(perfect_tokens),
+            **self.score_tasks(predict, examples, shots),
+            "ceiling": self.score_tasks(perfect_tokens, examples, shots),
             "recognition": task_recognition(
                 predict, mixed_scenes, s.recognition, shots, queries_per_prompt=group
             ),
