@@ -102,7 +102,8 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 def add_dtype_argument(
     parser: argparse.ArgumentParser, choices: Iterable[str] = ("auto", *DTYPES)
 ) -> None:
-    help = "number format of the weights and activations; auto: bf16 on a GPU, fp32 on a CPU"
+    choices = list(choices)
+    text = "number format of the weights and activations; auto: bf16 on a GPU, fp32 on a CPU"
     if "int8" in choices:
-        help += " (decoding with bf16 copies); int8: CPU only, fp32 prefill, int8 weight decoding"
-    parser.add_argument("--dtype", choices=list(choices), default="auto", help=help)
+        text += " (decoding with bf16 copies); int8: CPU only, fp32 prefill, int8 weight decoding"
+    parser.add_argument("--dtype", choices=choices, default="auto", help=text)

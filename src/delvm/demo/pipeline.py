@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -31,6 +32,9 @@ from delvm.errors import DelvmError
 from delvm.evaluation.scores import FOREGROUND_THRESHOLD
 from delvm.fileio import read_json, write_json
 from delvm.results import hardware_class
+
+if TYPE_CHECKING:
+    from delvm.data.toyworld import ToyWorldConfig
 
 STAGES = ("world", "tokenizer", "store", "lvm", "scores", "report")
 
@@ -228,7 +232,7 @@ class Demo:
         result_file = self.out / "scores.json"
         self._stage("scores", result_file.exists, lambda: write_json(result_file, self.measure()))
 
-    def held_out_world(self):
+    def held_out_world(self) -> ToyWorldConfig:
         """The toy world the scores are measured on: the demo's, with another seed and no
         mixed scenes."""
         from delvm.data.toyworld import ToyWorldConfig
