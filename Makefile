@@ -58,3 +58,7 @@ lint: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/model_throughput.py --batches 1 --results bench_out/model
 	$(PY) benchmarks/data_throughput.py --parts scale --sa1b 32 --coco 128 --results bench_out/data
+	# Decoding precision against task scores needs a trained demo (make demo).
+	if [ -f demo_out/scores.json ]; then \
+		$(PY) benchmarks/prompting_speed.py precision --run demo_out --results bench_out/precision; \
+	else echo "no demo_out/scores.json: run make demo first for bench_out/precision"; fi
