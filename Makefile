@@ -56,7 +56,8 @@ lint: $(TEST_STAMP)
 # The CPU benchmarks whose tables go on the results page (bench_out/*/results.md); on a quiet
 # machine: each compares setups side by side in one run.
 bench: $(TEST_STAMP)
-	$(PY) benchmarks/model_throughput.py --batches 1 --results bench_out/model
+	$(PY) benchmarks/model_throughput.py --batches 1 --train-repeats 3 --generate-repeats 2 \
+		--results bench_out/model
 	$(PY) benchmarks/data_throughput.py --parts scale --sa1b 32 --coco 128 --results bench_out/data
 	# Decoding precision against task scores needs a trained demo (make demo).
 	if [ -f demo_out/scores.json ]; then \

@@ -513,8 +513,10 @@ def measure_precision(run: Path) -> None:
         codes[name] = torch.cat(recording.codes)
     model = prompter.model
     queries = sum(len(pool) for pool in examples.values())
+    per_prompt = demo.config.scores.queries_per_prompt
     print(f"{run}: {millions(model)} parameters, {queries} held-out queries of "
-          f"{codes['fp32'].shape[1]} codes, greedy, batch 16; {machine(torch.device('cpu'))}\n")  # fmt: skip
+          f"{codes['fp32'].shape[1]} codes, greedy, {per_prompt} per prompt (the batch); "
+          f"{machine(torch.device('cpu'))}\n")  # fmt: skip
     rows = []
     for name in arms:
         same = codes[name] == codes["fp32"]

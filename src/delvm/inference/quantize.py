@@ -4,8 +4,8 @@ Decoding reads every weight once per code. A CPU without bf16 units converts eac
 before multiplying it, so a bf16 decoding copy is bound by conversion, not by reading memory;
 torch's weight-only int8 kernel (``torch._weight_int8pack_mm``, bf16 activations) converts int8
 weights faster still, and reads half the bytes. It needs no compiling: torchao's int8
-weight-only tensors reach it only under torch.compile, and convert the whole weight per call
-without it.
+weight-only tensors are as fast only under torch.compile, and convert the whole weight on every
+call without it.
 
 Each Linear's weight becomes int8 with one scale per output channel (symmetric: the row's
 largest magnitude is 127), so a weight moves by at most half its row's scale. The answers are
