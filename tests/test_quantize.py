@@ -27,6 +27,7 @@ def test_int8_linear_multiplies_by_its_rounded_weights():
     reference = F.linear(x.float(), layer.dequantized(), linear.bias)
     assert y.shape == (2, 3, 48) and y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=2e-2)
+    assert layer(x.float()).equal(y)  # fp32 activations are read as bf16
 
 
 def test_int8_copy_keeps_widths_the_kernel_cannot_read_and_the_model_itself():

@@ -41,7 +41,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        # The kernel takes activations in its scales' dtype, as contiguous rows.
+        rows = x.reshape(-1, x.shape[-1]).to(self.scales.dtype).contiguous()
         y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias
