@@ -95,6 +95,16 @@ def train_step(model, logits_of, device, seq_len: int):
     return step
 
 
+def best_in_turn(calls: dict, device: torch.device, rounds: int) -> dict:
+    """Each call's best wall time over ``rounds`` rounds that run every call in turn, so that
+    the machine's drift between rounds falls on all of them alike (warm them up first)."""
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for key, call in calls.items():
+            best[key] = min(best[key], once(call, device))
+    return best
+
+
 def once(fn, device: torch.device) -> float:
     sync(device)
     start = time.perf_counter()
@@ -153,11 +163,7 @@ def measure(args: argparse.Namespace) -> None:
         }
         for step in steps.values():
             step()  # warm-up
-        # The two in turn, each one's best round: the machine's speed drifts between rounds.
-        best = dict.fromkeys(steps, float("inf"))
-        for _ in range(args.train_repeats):
-            for name, step in steps.items():
-                best[name] = min(best[name], once(step, device))
+        best = best_in_turn(steps, device, args.train_repeats)
         t_ours, t_hf = best["delvm"], best["transformers"]
         for name, t in (("delvm", t_ours), ("transformers", t_hf)):
             rows.append(
@@ -215,18 +221,18 @@ def measure(args: argparse.Namespace) -> None:
                     generator(prompt, args.new, greedy)
             for _, run, _ in arms:
                 run(1)  # warm-up
-            # The arms in turn, each one's best round: the machine's speed drifts between rounds.
-            prefill, total = {}, {}
-            for _ in range(args.generate_repeats):
-                for name, run, _ in arms:
-                    one = once(lambda run=run: run(1), device)
-                    prefill[name] = min(prefill.get(name, float("inf")), one)
-                    whole = once(lambda run=run: run(args.new), device)
-                    total[name] = min(total.get(name, float("inf")), whole)
+            # Per arm, the prefill alone (1 code) and the whole answer, timed apart.
+            calls = {
+                (name, n): lambda run=run, n=n: run(n)
+                for name, run, _ in arms
+                for n in (1, args.new)
+            }
+            best = best_in_turn(calls, device, args.generate_repeats)
             for name, _, arm_bound in arms:
+                prefill, total = best[name, 1], best[name, args.new]
                 results[name] = (
-                    batch * (args.new - 1) / (total[name] - prefill[name]),
-                    batch * args.new / total[name],
+                    batch * (args.new - 1) / (total - prefill),
+                    batch * args.new / total,
                     arm_bound,
                 )
             hf_decode, hf_end_to_end, _ = results["transformers"]
