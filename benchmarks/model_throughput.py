@@ -155,7 +155,7 @@ def measure(args: argparse.Namespace) -> None:
     )
 
     if not args.skip_train:
-        seq = 2048
+        seq = ours.config.max_seq_len  # prompt + new: 2048 by default
         flops = training_flops_per_token(ours, seq)
         steps = {
             "delvm": train_step(ours, lambda x: ours(x), device, seq),
