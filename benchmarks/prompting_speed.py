@@ -488,18 +488,30 @@ def pascal_benchmark(args: argparse.Namespace) -> None:
 
 
 def precision_benchmark(args: argparse.Namespace) -> None:
+    from delvm.demo.pipeline import Demo, DemoConfig, ScoreSection
+    from delvm.fileio import read_json
+
+    saved = args.run / "demo_config.json"
+    if not saved.is_file():
+        raise SystemExit(
+            f"{args.run}: no demo_config.json; --run takes a `delvm demo` output folder"
+        )
+    settings = read_json(saved)
+    config = DemoConfig(**{**settings, "out": str(args.run),
+                           "scores": ScoreSection(**settings["scores"])})  # fmt: skip
+    demo = Demo(config)
+    if not demo.checkpoint.exists():
+        raise SystemExit(f"{demo.checkpoint}: missing; finish the demo's lvm stage first")
     title = "Decoding precision and task scores: `benchmarks/prompting_speed.py precision`"
     with results_file(args.results, title):
-        measure_precision(args.run)
+        measure_precision(demo)
 
 
-def measure_precision(run: Path) -> None:
-    from delvm.demo.pipeline import Demo, DemoConfig, ScoreSection, context_shots
-    from delvm.fileio import read_json
+def measure_precision(demo) -> None:
+    from delvm.demo.pipeline import context_shots
     from delvm.inference.prompting import load_prompter
 
-    saved = read_json(run / "demo_config.json")
-    demo = Demo(DemoConfig(**{**saved, "out": str(run), "scores": ScoreSection(**saved["scores"])}))
+    run = demo.out
     examples = demo.task_examples()
     arms = {"fp32": "fp32", "bf16 copies (CPU auto)": "auto", "int8 copies (--dtype int8)": "int8"}
     seconds, scores, codes = {}, {}, {}
